@@ -7,7 +7,16 @@ Importing attnzoo needs neither a GPU nor Triton.
 
 __version__ = "0.1.0"
 
+from attnzoo import backends
 from attnzoo.errors import BackendUnavailableError, InputError
 from attnzoo.ops.attention.api import attention, attention_with_kvcache
+from attnzoo.ops.dma.api import dynamic_mask_attention
 from attnzoo.ops.masks import block_mask as masks
 from attnzoo.ops.masks.block_mask import BlockMask
+from attnzoo.ops.moh.api import moh_attention
+from attnzoo.modules.base import MultiHeadAttention
+from attnzoo.modules.cache import KVCache
+from attnzoo.modules.dma import DynamicMaskAttention
+from attnzoo.modules.kha import KnockingHeadsAttention
+from attnzoo.modules.moh import MoHAttention
+from attnzoo.modules.rope import RotaryEmbedding

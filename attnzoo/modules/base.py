@@ -1,0 +1,252 @@
+"""The common base of the softmax attention modules, and ``MultiHeadAttention`` (MHA/GQA/MQA/WGQA).
+
+Pipeline of every softmax module (DESIGN.md, SPEC §2-§5)::
+
+    x [B, T, dim] -> q_proj/k_proj/v_proj -> heads [B, T, H|Hkv, D]
+      -> knocking (optional, SPEC §4) -> QK-norm (optional) -> RoPE (optional)
+      -> cache (append; keys/values as attended) -> variant's core (``_attend``) -> o_proj -> [B, T, dim]
+
+Subclasses override ``_attend`` (MoH adds gates, DMA a per-key bias). Projections are named like
+Llama-style checkpoints: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnzoo.errors import InputError
+from attnzoo.modules.cache import KVCache
+from attnzoo.modules.knocking import KnockingHeads
+from attnzoo.modules.rope import RotaryEmbedding
+from attnzoo.ops.attention.api import attention
+from attnzoo.ops.knocking.reference import fold_linear_into_proj
+from attnzoo.ops.validate import shape_str
+
+
+def resolve_heads(dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int]) -> Tuple[int, int]:
+    """Validate the head layout; returns ``(num_kv_heads, head_dim)``."""
+    if not (isinstance(dim, int) and dim > 0):
+        raise InputError(f"dim: expected a positive int, got {dim!r}")
+    if not (isinstance(num_heads, int) and num_heads > 0):
+        raise InputError(f"num_heads: expected a positive int, got {num_heads!r}")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if not (isinstance(num_kv_heads, int) and num_kv_heads > 0) or num_heads % num_kv_heads:
+        raise InputError(f"num_kv_heads: {num_kv_heads!r} must be a positive divisor of num_heads={num_heads}")
+    if head_dim is None:
+        if dim % num_heads:
+            raise InputError(f"head_dim: dim={dim} is not divisible by num_heads={num_heads}; pass head_dim")
+        head_dim = dim // num_heads
+    if not (isinstance(head_dim, int) and 1 <= head_dim <= 256):
+        raise InputError(f"head_dim: {head_dim!r} is not supported; attnzoo supports head dims 1..256")
+    return num_kv_heads, head_dim
+
+
+def make_rope(rope, head_dim: int) -> Optional[RotaryEmbedding]:
+    """``rope``: None/False (none), True (base 10000), a number (the base) or a RotaryEmbedding."""
+    if rope is None or rope is False:
+        return None
+    if rope is True:
+        return RotaryEmbedding(head_dim)
+    if isinstance(rope, (int, float)):
+        return RotaryEmbedding(head_dim, base=float(rope))
+    if isinstance(rope, RotaryEmbedding):
+        if rope.head_dim != head_dim:
+            raise InputError(f"rope: built for head_dim {rope.head_dim}, module has {head_dim}")
+        return rope
+    raise InputError(f"rope: expected None, True, a base (float) or a RotaryEmbedding, got {type(rope).__name__}")
+
+
+def check_call(x, dim, key_padding_mask, position_ids, cache):
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = shape_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"x: expected [batch, seq, dim={dim}], got {got}")
+    B, T, _ = x.shape
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, T):
+            raise InputError(
+                f"key_padding_mask: expected a bool tensor ({B}, {T}) with True = real token, "
+                f"got {key_padding_mask.dtype} {shape_str(key_padding_mask)}"
+            )
+        if key_padding_mask.device != x.device:
+            raise InputError(f"key_padding_mask: is on {key_padding_mask.device} but x is on {x.device}")
+    if position_ids is not None and tuple(position_ids.shape) not in ((B, T), (T,)):
+        raise InputError(f"position_ids: expected ({B}, {T}) or ({T},), got {shape_str(position_ids)}")
+    if cache is not None and getattr(cache, "batch_size", B) != B:
+        raise InputError(f"cache: made for batch size {cache.batch_size}, x has batch {B}")
+
+
+def positions_for(x: torch.Tensor, position_ids, cache) -> torch.Tensor:
+    """``[B, T]`` positions: ``position_ids`` if given, else continuing from the cache's length."""
+    B, T, _ = x.shape
+    if position_ids is None:
+        start = cache.seq_len if cache is not None else 0
+        return torch.arange(start, start + T, device=x.device).expand(B, T)
+    return position_ids.to(x.device).expand(B, T)
+
+
+class SoftmaxAttentionBase(nn.Module):
+    """Projections, knocking, QK-norm, RoPE, KV cache and the output projection shared by the softmax
+    variants. ``kv_weights="wgqa"`` keeps one key and one value projection per *query* head and learns one
+    scalar per head and kind (init ``Hkv/H``, i.e. mean pooling); kv head ``j`` is the weighted sum of its
+    group (SPEC §2). ``fold()`` turns WGQA and KHA-Linear into plain weights."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        causal: bool = True,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        rope=None,
+        knocking: Optional[str] = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+        *,
+        kv_weights: Optional[str] = None,
+        knock_qk: bool = True,
+        scale: Optional[float] = None,
+        window: Tuple[int, int] = (-1, -1),
+    ):
+        super().__init__()
+        num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
+        if kv_weights not in (None, "wgqa"):
+            raise InputError(f"kv_weights: expected None or 'wgqa', got {kv_weights!r}")
+        fk = dict(device=device, dtype=dtype)
+        self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
+        self.causal, self.backend, self.scale, self.window = causal, backend, scale, tuple(window)
+        self.kv_weights = kv_weights
+        kv_out_heads = num_heads if kv_weights == "wgqa" else num_kv_heads
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias, **fk)
+        self.k_proj = nn.Linear(dim, kv_out_heads * head_dim, bias=qkv_bias, **fk)
+        self.v_proj = nn.Linear(dim, kv_out_heads * head_dim, bias=qkv_bias, **fk)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False, **fk)
+        if kv_weights == "wgqa":
+            init = torch.full((num_heads,), num_kv_heads / num_heads, **fk)
+            self.k_mix = nn.Parameter(init.clone())
+            self.v_mix = nn.Parameter(init.clone())
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6, **fk) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6, **fk) if qk_norm else None
+        self.rope = make_rope(rope, head_dim)
+        self.knocking = KnockingHeads(head_dim, knocking, knock_qk, **fk) if knocking is not None else None
+
+    # -- projections ------------------------------------------------------------------------------
+    def _kv_weight(self, proj: nn.Linear, mix: Optional[torch.Tensor]):
+        """Effective (weight, bias) of a K or V projection onto the ``Hkv`` kv heads."""
+        if mix is None:
+            return proj.weight, proj.bias
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        m = mix.view(Hkv, H // Hkv, 1)
+        w = (proj.weight.view(Hkv, H // Hkv, D, -1) * m[..., None]).sum(1).reshape(Hkv * D, -1)
+        b = None if proj.bias is None else (proj.bias.view(Hkv, H // Hkv, D) * m).sum(1).reshape(-1)
+        return w, b
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """``x [B, T, dim]`` -> ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` after knocking, QK-norm, RoPE."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = F.linear(x, *self._kv_weight(self.k_proj, getattr(self, "k_mix", None))).view(B, T, Hkv, D)
+        v = F.linear(x, *self._kv_weight(self.v_proj, getattr(self, "v_mix", None))).view(B, T, Hkv, D)
+        if self.knocking is not None:
+            q, k, v = self.knocking(q, k, v)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        return q, k, v
+
+    # -- the call -----------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int) -> KVCache:
+        """A cache for generation: pass it as ``cache=`` to successive calls (under ``torch.no_grad()``)."""
+        return KVCache(batch_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """``x [B, T, dim]`` -> ``[B, T, dim]``.
+
+        ``key_padding_mask [B, T]`` bool, True = real token. With ``cache`` the new tokens attend to
+        every cached token too (positions continue from the cache unless ``position_ids`` is given).
+        """
+        check_call(x, self.dim, key_padding_mask, position_ids, cache)
+        B, T, _ = x.shape
+        q, k, v = self.project(x, positions_for(x, position_ids, cache))
+        extras = self._key_extras(x, k, v)
+        query_mask = key_padding_mask
+        if cache is not None:
+            k, v, key_padding_mask, extras = cache.update(k, v, key_padding_mask, **extras)
+        o = self._attend(x, q, k, v, key_padding_mask, extras, query_mask)
+        return self.o_proj(o.reshape(B, T, self.num_heads * o.shape[-1]))
+
+    def _key_extras(self, x, k, v) -> dict:
+        """Per-key tensors ``[B, T, ...]`` a variant keeps in the cache beside K and V (none here)."""
+        return {}
+
+    def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask) -> torch.Tensor:
+        """The variant's core: ``q [B, T, H, D]`` against every key ``k, v [B, Tk, Hkv, D]`` (cached ones
+        too); ``key_padding_mask [B, Tk]`` covers all keys, ``query_mask [B, T]`` the new tokens."""
+        return attention(
+            q, k, v, causal=self.causal, scale=self.scale, window=self.window,
+            key_padding_mask=key_padding_mask, backend=self.backend,
+        )
+
+    # -- folding ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold(self) -> "SoftmaxAttentionBase":
+        """An equivalent module with WGQA mixing and KHA-Linear matrices folded into the projection
+        weights (no extra parameters, no overhead). KHA-MLP is not foldable and is kept as it is."""
+        new = copy.deepcopy(self)
+        if new.kv_weights == "wgqa":
+            for name in ("k", "v"):
+                proj, mix = getattr(new, f"{name}_proj"), getattr(new, f"{name}_mix")
+                w, b = new._kv_weight(proj, mix)
+                plain = nn.Linear(self.dim, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+                plain.weight.copy_(w)
+                if b is not None:
+                    plain.bias.copy_(b)
+                setattr(new, f"{name}_proj", plain)
+                delattr(new, f"{name}_mix")
+            new.kv_weights = None
+        kn = new.knocking
+        if kn is not None:
+            pairs = [(new.q_proj, kn.t_q, new.num_heads), (new.k_proj, kn.t_k, new.num_kv_heads)]
+            if kn.form == "linear":
+                pairs.append((new.v_proj, kn.t_v, new.num_kv_heads))
+            for proj, t, heads in pairs:
+                if t is None:
+                    continue
+                w, b = fold_linear_into_proj(proj.weight, proj.bias, t, heads)
+                proj.weight.copy_(w)
+                if b is not None:
+                    proj.bias.copy_(b)
+            if kn.form == "linear":
+                new.knocking = None
+            else:
+                kn.t_q = kn.t_k = None
+                kn.knock_qk = False
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, causal={self.causal}, backend={self.backend!r}"
+            + (f", kv_weights={self.kv_weights!r}" if self.kv_weights else "")
+        )
+
+
+class MultiHeadAttention(SoftmaxAttentionBase):
+    """Multi-head softmax attention; GQA/MQA through ``num_kv_heads``, WGQA through ``kv_weights="wgqa"``,
+    knocking heads through ``knocking="linear"|"mlp"``."""

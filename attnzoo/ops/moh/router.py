@@ -1,0 +1,103 @@
+"""MoH routing, reference math (SPEC §3, arXiv 2410.11842).
+
+Heads are ordered ``[shared | routed]``: ``num_shared`` always-active heads, then ``h_r`` routed heads of
+which each token activates ``top_k``. Gates ``[B, T, H]`` multiply each head's output row before the
+unchanged output projection; a gate of exactly 0 marks an inactive ``(token, head)`` pair, whose
+attention the kernels skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+NORMALIZE = ("code", "paper")
+
+
+@dataclass
+class RouterOutput:
+    gates: torch.Tensor  # [B, T, H]: shared then routed; 0 for inactive routed heads
+    probs: Optional[torch.Tensor]  # [B, T, h_r]: routed probabilities before top-k (for the aux loss)
+    selected: torch.Tensor  # [B, T, h_r] bool: routed heads each token activated
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of the last dim (ties: lower index, as ``torch.topk``)."""
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def learned_router(
+    x: torch.Tensor,
+    w_routed: Optional[torch.Tensor],
+    w_shared: Optional[torch.Tensor],
+    w_mix: Optional[torch.Tensor],
+    top_k: int,
+    normalize: str = "code",
+) -> RouterOutput:
+    """Learned router on the block input ``x [B, T, d]``.
+
+    ``w_routed [h_r, d]``, ``w_shared [h_s, d]``, ``w_mix [2, d]`` (only when both kinds exist), no biases.
+
+    - ``"code"`` (official code, default): routed gate = ``k p_i / sum_topk p``, shared gate =
+      ``h_s softmax(W_s x)_i``, ``[a1, a2] = 2 softmax(W_h x)``: every active gate is ~1 at init.
+    - ``"paper"``: routed gate = ``a2 p_i``, shared gate = ``a1 softmax(W_s x)_i``, ``[a1, a2] = softmax(W_h x)``.
+    """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
+    code = normalize == "code"
+    xf = x.float()
+    parts = []
+    a = None
+    if w_mix is not None:
+        a = torch.softmax(xf @ w_mix.float().t(), dim=-1) * (2.0 if code else 1.0)  # [B, T, 2]
+    if w_shared is not None:
+        hs = w_shared.shape[0]
+        g_s = torch.softmax(xf @ w_shared.float().t(), dim=-1) * (hs if code else 1.0)
+        parts.append(g_s * a[..., :1] if a is not None else g_s)
+    probs = None
+    selected = torch.zeros(*x.shape[:2], 0, dtype=torch.bool, device=x.device)
+    if w_routed is not None:
+        probs = torch.softmax(xf @ w_routed.float().t(), dim=-1)  # [B, T, h_r]
+        selected = topk_mask(probs.detach(), top_k)
+        kept = probs * selected
+        g_r = top_k * kept / kept.sum(-1, keepdim=True) if code else kept
+        parts.append(g_r * a[..., 1:] if a is not None else g_r)
+    return RouterOutput(torch.cat(parts, dim=-1).to(x.dtype), probs, selected)
+
+
+def qnorm_router(q: torch.Tensor, num_shared: int, top_k: int) -> RouterOutput:
+    """Parameter-free router for converted LLMs (MoH-LLaMA3): score of routed head ``i`` = L2 norm of its
+    query vector; top ``k``; binary gates. Straight-through estimator: forward value ``g_hard`` (0/1),
+    gradient through ``g_soft = top_k * softmax(scores)`` over the routed heads (``top_k * softmax`` so
+    that a uniform router's soft gate equals 1, the hard gate's value). Shared gates are 1.
+
+    ``q [B, T, H, D]`` (before RoPE; RoPE does not change the norm).
+    """
+    B, T, H, _ = q.shape
+    scores = q[:, :, num_shared:].float().norm(dim=-1)  # [B, T, h_r]
+    selected = topk_mask(scores.detach(), top_k)
+    g_soft = top_k * torch.softmax(scores, dim=-1)
+    g_hard = selected.float()
+    g_r = g_hard + g_soft - g_soft.detach()
+    g_s = torch.ones(B, T, num_shared, device=q.device)
+    return RouterOutput(torch.cat([g_s, g_r], dim=-1).to(q.dtype), torch.softmax(scores, dim=-1), selected)
+
+
+def load_balance_loss(
+    probs: torch.Tensor, selected: torch.Tensor, form: str = "code", token_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``P_i`` = mean router probability of routed head ``i``, ``f_i`` = fraction of tokens that selected it;
+    paper ``sum_i P_i f_i``, official code ``h_r sum_i P_i f_i``. ``token_mask [B, T]`` (True = real token)
+    excludes padding from both means."""
+    h_r = probs.shape[-1]
+    p = probs.reshape(-1, h_r).float()
+    f = selected.reshape(-1, h_r).float()
+    if token_mask is not None:
+        keep = token_mask.reshape(-1)
+        p, f = p[keep], f[keep]
+    n = max(p.shape[0], 1)
+    loss = (p.sum(0) / n * (f.sum(0) / n)).sum()
+    return loss * h_r if form == "code" else loss
