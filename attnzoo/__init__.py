@@ -20,3 +20,4 @@ from attnzoo.modules.dma import DynamicMaskAttention
 from attnzoo.modules.kha import KnockingHeadsAttention
 from attnzoo.modules.moh import MoHAttention
 from attnzoo.modules.rope import RotaryEmbedding
+from attnzoo import convert

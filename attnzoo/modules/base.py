@@ -120,6 +120,12 @@ class SoftmaxAttentionBase(nn.Module):
         if kv_weights not in (None, "wgqa"):
             raise InputError(f"kv_weights: expected None or 'wgqa', got {kv_weights!r}")
         fk = dict(device=device, dtype=dtype)
+        # constructor words, so converters can rebuild a module of another kind with the same layout
+        self.config = dict(
+            dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
+            qkv_bias=qkv_bias, qk_norm=qk_norm, rope=rope, knocking=knocking, backend=backend,
+            kv_weights=kv_weights, knock_qk=knock_qk, scale=scale, window=tuple(window),
+        )
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.causal, self.backend, self.scale, self.window = causal, backend, scale, tuple(window)
         self.kv_weights = kv_weights
@@ -219,7 +225,7 @@ class SoftmaxAttentionBase(nn.Module):
                     plain.bias.copy_(b)
                 setattr(new, f"{name}_proj", plain)
                 delattr(new, f"{name}_mix")
-            new.kv_weights = None
+            new.kv_weights = new.config["kv_weights"] = None
         kn = new.knocking
         if kn is not None:
             pairs = [(new.q_proj, kn.t_q, new.num_heads), (new.k_proj, kn.t_k, new.num_kv_heads)]
@@ -233,10 +239,10 @@ class SoftmaxAttentionBase(nn.Module):
                 if b is not None:
                     proj.bias.copy_(b)
             if kn.form == "linear":
-                new.knocking = None
+                new.knocking = new.config["knocking"] = None
             else:
                 kn.t_q = kn.t_k = None
-                kn.knock_qk = False
+                kn.knock_qk = new.config["knock_qk"] = False
         return new
 
     def extra_repr(self) -> str:

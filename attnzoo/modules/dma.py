@@ -50,6 +50,7 @@ class DynamicMaskAttention(SoftmaxAttentionBase):
         if self.window != (-1, -1):
             raise InputError("window: DynamicMaskAttention selects keys by keep_window; a fixed window is not supported")
         self.keep_window, self.bias_form = keep_window, bias_form
+        self.config.update(keep_window=keep_window, bias_form=bias_form)
         Hkv, D = self.num_kv_heads, self.head_dim
         self.dt_proj = nn.Linear(Hkv * D, Hkv, bias=False, device=device, dtype=dtype)
         self.A = nn.Parameter(torch.zeros(Hkv, device=device, dtype=dtype))

@@ -71,6 +71,7 @@ class MoHAttention(SoftmaxAttentionBase):
             raise InputError(f"aux_loss_form: expected one of {NORMALIZE}, got {aux_loss_form!r}")
         self.num_shared_heads, self.num_routed_heads, self.top_k = hs, hr, (k if hr else 0)
         self.router, self.normalize, self.aux_loss_form = router, normalize, aux_loss_form
+        self.config.update(num_shared_heads=hs, top_k=k, router=router, normalize=normalize, aux_loss_form=aux_loss_form)
         fk = dict(device=device, dtype=dtype)
         if router == "learned":
             self.router_routed = nn.Parameter(torch.zeros(hr, dim, **fk)) if hr else None

@@ -1,0 +1,1 @@
+from attnzoo.ops.attention import triton_backend  # noqa: F401

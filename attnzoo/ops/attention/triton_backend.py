@@ -1,0 +1,113 @@
+"""The "triton" backend of ``attention`` and ``attention_with_kvcache``: what it supports, and the glue from
+the public arguments to the custom ops ``attnzoo::attention_fwd`` / ``attnzoo::attention_bwd`` /
+``attnzoo::attention_decode``.
+
+Imported at package import time: it must not import triton nor the kernel modules at module level; they
+are imported on first use (``_kernels()``), so ``import attnzoo`` works without triton or a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+from attnzoo import backends
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it (see triton_fwd)
+MAX_DECODE_QUERIES = 16
+
+
+def _kernels():
+    """Import the kernel modules (defines the custom ops and registers their autograd)."""
+    from attnzoo.ops.attention import triton_bwd  # noqa: F401  (imports triton_fwd too)
+
+    return triton_bwd
+
+
+def _decode_kernels():
+    from attnzoo.ops.attention import triton_decode
+
+    return triton_decode
+
+
+def _common_reasons(q: torch.Tensor) -> List[str]:
+    reasons = list(backends.triton_device_reasons(q.device))
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        reasons.append("bfloat16 tl.dot is wrong under the Triton CPU interpreter; run bfloat16 on a GPU")
+    return reasons
+
+
+def supports_attention(q, k, v, *, bias=None, mask=None, block_mask=None, **_) -> List[str]:
+    reasons = _common_reasons(q)
+    if bias is not None and bias.dtype not in KERNEL_DTYPES + (torch.float64,):
+        reasons.append(f"bias dtype {bias.dtype} is not supported (a floating dtype is needed)")
+    if block_mask is not None:
+        bq, bk = block_mask.block_size
+        if bq % MIN_BLOCK or bk % MIN_BLOCK or bq <= 0 or bk <= 0:
+            reasons.append(
+                f"block_mask block_size {tuple(block_mask.block_size)}: the Triton kernels need block sizes that are "
+                f"multiples of {MIN_BLOCK} (kernel tiles must equal or divide the BlockMask's blocks)"
+            )
+    return reasons
+
+
+def supports_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, **_) -> List[str]:
+    reasons = _common_reasons(q)
+    if q.shape[1] > MAX_DECODE_QUERIES:
+        reasons.append(
+            f"q has {q.shape[1]} new queries; the Triton decode kernel serves 1..{MAX_DECODE_QUERIES} "
+            "(use attention() with causal=True for a prefill)"
+        )
+    return reasons
+
+
+def _max_len(cu: torch.Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+
+
+@backends.register("attention", "triton", priority=10, supports=supports_attention)
+def attention_triton(
+    q, k, v, *, causal=False, scale=None, window=(-1, -1), bias=None, mask=None, block_mask=None,
+    key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False,
+):
+    kern = _kernels()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        max_q, max_k = _max_len(cu_seqlens_q), _max_len(cu_seqlens_k)
+        cu_seqlens_q = cu_seqlens_q.to(torch.int32)
+        cu_seqlens_k = cu_seqlens_k.to(torch.int32)
+    else:
+        max_q, max_k = q.shape[1], k.shape[1]
+    kvn = kvi = fn = fi = em = None
+    bq = bk = 0
+    if block_mask is not None:
+        (kvn, kvi, fn, fi, em), (bq, bk) = kern.F.block_mask_tensors(
+            block_mask, q.shape[0], q.shape[2], max_q, max_k, q.device)
+    o, lse = torch.ops.attnzoo.attention_fwd(
+        q, k, v, bias, mask, key_padding_mask, em, cu_seqlens_q, cu_seqlens_k, kvn, kvi, fn, fi,
+        float(scale), bool(causal), int(window[0]), int(window[1]), max_q, max_k, bq, bk,
+    )
+    return (o, lse) if return_lse else o
+
+
+@backends.register("attention_with_kvcache", "triton", priority=10, supports=supports_decode)
+def attention_with_kvcache_triton(
+    q, k_cache, v_cache, cache_seqlens, *, block_table=None, causal=True, scale=None, window=(-1, -1),
+    return_lse=False,
+):
+    _decode_kernels()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    o, lse = torch.ops.attnzoo.attention_decode(
+        q, k_cache, v_cache, cache_seqlens.to(torch.int32),
+        block_table.to(torch.int32) if block_table is not None else None,
+        float(scale), bool(causal), int(window[0]), int(window[1]),
+    )
+    return (o, lse) if return_lse else o

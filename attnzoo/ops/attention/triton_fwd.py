@@ -1,0 +1,459 @@
+"""Triton forward kernel of the softmax attention core (SPEC §1), FlashAttention-2 style, and its custom op.
+
+Algorithm. One program per (query tile of BLOCK_M rows, batch, query head). The Q tile stays in registers
+for the whole program, with the running row max ``m``, row sum ``l`` (fp32) and the fp32 output
+accumulator ``acc [BLOCK_M, Dv]``. Key/value tiles of BLOCK_N rows stream through (the compiler pipelines
+the loads through shared memory): ``S = Q K^T`` (fp32 accumulation), scaled by ``scale * log2(e)`` so the
+softmax uses ``exp2``, plus the additive bias, then the element mask (causal/window diagonal, dense mask,
+key padding, block-mask element mask, sequence ends) sets ``-inf``; online softmax rescales ``acc`` and
+``l`` by ``exp2(m_old - m_new)``; ``acc += P V`` with P cast to V's dtype. At the end ``O = acc / l`` and
+``lse = (m + log2 l) * ln 2``. Rows that see no key keep ``l == 0`` and store ``O = 0``, ``lse = -inf``
+(the running max is replaced by 0 while it is ``-inf``, so no ``-inf - -inf`` NaN ever forms).
+
+What is skipped. With causal/window only the key tiles that intersect the visible band of this query tile
+are visited (the loop bounds come from the diagonal ``j - i = Tk - Tq``); with a BlockMask the program
+walks only the key blocks listed for its (batch, head, query block) -- full blocks without the element
+mask, partial ones with it -- so unlisted key blocks are never loaded. Kernel tiles must divide the
+BlockMask's blocks (checked by the backend's ``supports``).
+
+Layout BTHD with all strides passed (non-contiguous inputs work, broadcast bias/mask dims have stride 0);
+varlen adds ``cu_seqlens`` offsets. Head dims are padded to a power of two (>= 16) with load masks.
+Precision: fp16/bf16 dots accumulate in fp32; fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``,
+no TF32), so fp32 results match an fp32 reference.
+
+Partial BlockMask blocks take their element mask from ``block_mask.mask_mod`` evaluated once, densely, in
+Python before launch (a bool tensor broadcast over the batch/head dims the mask_mod ignores). Fully
+listing-driven masks without a mask_mod need no dense tensor.
+
+This module imports triton: import it lazily (``attnzoo.ops.attention.triton_backend`` does).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Scalar int args that may be 1 must not be specialized into constants (keeps one compiled kernel and
+# avoids constexpr/tensor type mixing in min/max); strides may be.
+_NO_SPEC = ["H", "G", "Tq_arg", "Tk_arg", "D", "DV", "Mq_bm", "Nk_bm", "win_left", "win_right",
+            "bias_hdiv", "mask_hdiv", "Q_BUCKET", "K_BUCKET"]
+
+
+def interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fill_nan() -> bool:
+    """Test mode: fresh output buffers start as NaN so unwritten elements show up."""
+    return os.environ.get("ATTNZOO_FILL_NAN", "0") == "1"
+
+
+def new_output(shape, *, dtype, device) -> torch.Tensor:
+    if fill_nan():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def bucket(n: int) -> int:
+    """Autotuning key for a sequence length: its power-of-two bucket (clamped), not the raw length."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def head_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared device helpers (also used by the backward kernels)
+
+
+@triton.jit
+def _visible(qi, kj, Tq, Tk, diag, win_left, win_right,
+             mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
+             HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr):
+    """Keep-mask for query positions ``qi`` and key positions ``kj`` (broadcastable 2-D index tensors,
+    either orientation). ``diag = Tk - Tq``; window bounds already include causal (right = 0)."""
+    inb = (qi < Tq) & (kj < Tk)
+    keep = inb
+    if HAS_LEFT or HAS_RIGHT:
+        d = kj - qi - diag
+        if HAS_LEFT:
+            keep = keep & (d >= -win_left)
+        if HAS_RIGHT:
+            keep = keep & (d <= win_right)
+    if HAS_MASK:
+        mv = tl.load(mask_base + qi * smm + kj * smn, mask=inb, other=0)
+        keep = keep & (mv != 0)
+    if HAS_KPM:
+        kv = tl.load(kpm_base + kj * skpn, mask=kj < Tk, other=0)
+        keep = keep & (kv != 0)
+    if APPLY_EM:
+        ev = tl.load(em_base + qi * sem + kj * sen, mask=inb, other=0)
+        keep = keep & (ev != 0)
+    return keep
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+               k_base, v_base, skt, skd, svt, svd, D, DV,
+               bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+               scale_log2,
+               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows_k = offs_n.to(tl.int64)
+    kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
+                 mask=(offs_n[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+    qi = offs_m[:, None]
+    kj = offs_n[None, :]
+    if HAS_BIAS:
+        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        s += bv.to(tl.float32) * 1.4426950408889634
+    keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
+                    em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
+                mask=(offs_n[:, None] < Tk) & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        q0 = tl.load(CuQ + b)
+        Tq = tl.load(CuQ + b + 1) - q0
+        k0 = tl.load(CuK + b)
+        Tk = tl.load(CuK + b + 1) - k0
+    else:
+        q0 = b * 0
+        k0 = b * 0
+        Tq = b * 0 + Tq_arg
+        Tk = b * 0 + Tk_arg
+    return q0, Tq, k0, Tk
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward kernel
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, slb, slh, slt,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
+    H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
+    scale_log2, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // G
+    q0, Tq, k0, Tk = _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= Tq:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows_q = (q0 + offs_m).to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h * sqh + rows_q[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b64 * skb + hkv * skh + k0.to(tl.int64) * skt
+    v_base = V + b64 * svb + hkv * svh + k0.to(tl.int64) * svt
+    bias_base = Bias + b64 * sbb + (h // bias_hdiv) * sbh
+    mask_base = Mask + b64 * smb + (h // mask_hdiv) * smh
+    kpm_base = KPM + b64 * skpb
+    em_base = EM + b64 * seb + h * seh
+    diag = Tk - Tq
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # key range [lo, hi) that the causal/window band of this query tile can reach
+    lo = Tk * 0
+    hi = Tk
+    if HAS_LEFT:
+        lo = tl.maximum(start_m + diag - win_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Tq) + diag + win_right, Tk)
+
+    if SPARSE:
+        row = (b64 * H + h) * Mq_bm + start_m // BM_BQ
+        if HAS_FULL:
+            n_full = tl.load(FullNum + row)
+            for i in range(0, n_full):
+                kb = tl.load(FullIdx + row * Nk_bm + i)
+                for sub in range(0, BM_BK // BLOCK_N):
+                    start_n = kb * BM_BK + sub * BLOCK_N
+                    if (start_n < hi) & (start_n + BLOCK_N > lo):
+                        acc, l_i, m_i = _fwd_inner(
+                            acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                            k_base, v_base, skt, skd, svt, svd, D, DV,
+                            bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                            scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                            BLOCK_N, BLOCK_D, BLOCK_DV)
+        n_part = tl.load(KvNum + row)
+        for i in range(0, n_part):
+            kb = tl.load(KvIdx + row * Nk_bm + i)
+            for sub in range(0, BM_BK // BLOCK_N):
+                start_n = kb * BM_BK + sub * BLOCK_N
+                if (start_n < hi) & (start_n + BLOCK_N > lo):
+                    acc, l_i, m_i = _fwd_inner(
+                        acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                        k_base, v_base, skt, skd, svt, svd, D, DV,
+                        bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                        scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                        BLOCK_N, BLOCK_D, BLOCK_DV)
+    else:
+        lo = (lo // BLOCK_N) * BLOCK_N
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    row_ok = offs_m < Tq
+    tl.store(O + b64 * sob + h * soh + rows_q[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + b64 * slb + h * slh + rows_q * slt, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU; the interpreter uses one small fixed tile so
+# tests cross tile boundaries with tiny shapes.
+GPU_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)]
+INTERP_BLOCK = 16
+MIN_BLOCK = 16  # smallest tile a kernel uses; BlockMask block sizes must be multiples of it
+
+
+def prune_for_block_mask(configs, nargs, **kwargs):
+    """Keep configs whose tiles divide the BlockMask's blocks (``BM_BQ``/``BM_BK``) and fit the head dim."""
+    bq, bk = nargs.get("BM_BQ", 0), nargs.get("BM_BK", 0)
+    sparse = nargs.get("SPARSE", False)
+    bd = max(nargs.get("BLOCK_D", 16), nargs.get("BLOCK_DV", 16))
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if sparse and (bq % bm or bk % bn):
+            continue
+        if bd >= 256 and bm * bn > 64 * 64:
+            continue
+        out.append(c)
+    return out or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] == 16]
+
+
+_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "HAS_KPM", "HAS_EM", "IS_VARLEN",
+        "HAS_LEFT", "HAS_RIGHT", "SPARSE", "BM_BQ", "BM_BK"]
+
+
+def make_tuned(kernel, configs):
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
+        key=_KEY,
+        prune_configs_by={"early_config_prune": prune_for_block_mask},
+    )(kernel)
+
+
+_tuned_cache = {}
+
+
+def launcher(name, kernel, configs):
+    """The kernel to launch and the extra meta-args it needs: autotuned on a GPU, one fixed config under
+    the interpreter."""
+    if interpreter():
+        return kernel, {"BLOCK_M": INTERP_BLOCK, "BLOCK_N": INTERP_BLOCK}
+    if name not in _tuned_cache:
+        _tuned_cache[name] = make_tuned(kernel, configs)
+    return _tuned_cache[name], {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host-side preparation shared with the backward
+
+
+def _strides4(t: Optional[torch.Tensor]):
+    """Strides of a 4-D broadcastable tensor, 0 for size-1 dims (they broadcast)."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4))
+
+
+def _as_u8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _bhq(q: torch.Tensor, varlen: bool):
+    """(strides b, t, h, d) of a BTHD tensor; varlen tensors have no batch dim."""
+    if varlen:
+        return (0, q.stride(0), q.stride(1), q.stride(2))
+    return tuple(q.stride(i) for i in range(4))
+
+
+def common_args(q, k, v, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, scale, causal, window_left,
+                window_right, max_seqlen_q, max_seqlen_k, block_q, block_k):
+    """Kernel arguments describing the problem (tensors, strides, sizes, flags) shared by all kernels."""
+    varlen = cu_q is not None
+    H, D = q.shape[-2], q.shape[-1]
+    Hkv, DV = k.shape[-2], v.shape[-1]
+    G = H // Hkv
+    if varlen:
+        B = cu_q.shape[0] - 1
+        Tq, Tk = max_seqlen_q, max_seqlen_k
+    else:
+        B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
+    dummy = q
+    right = 0 if causal else window_right
+    a = dict(
+        Q=q, K=k, V=v,
+        Bias=bias if bias is not None else dummy,
+        Mask=_as_u8(mask) if mask is not None else dummy,
+        KPM=_as_u8(kpm) if kpm is not None else dummy,
+        EM=_as_u8(em) if em is not None else dummy,
+        CuQ=cu_q if varlen else dummy, CuK=cu_k if varlen else dummy,
+        KvNum=kvn if kvn is not None else dummy, KvIdx=kvi if kvi is not None else dummy,
+        FullNum=fn if fn is not None else dummy, FullIdx=fi if fi is not None else dummy,
+    )
+    s = {}
+    s["sqb"], s["sqt"], s["sqh"], s["sqd"] = _bhq(q, varlen)
+    s["skb"], s["skt"], s["skh"], s["skd"] = _bhq(k, varlen)
+    s["svb"], s["svt"], s["svh"], s["svd"] = _bhq(v, varlen)
+    s["sbb"], s["sbh"], s["sbm"], s["sbn"] = _strides4(bias)
+    s["smb"], s["smh"], s["smm"], s["smn"] = _strides4(mask)
+    s["seb"], s["seh"], s["sem"], s["sen"] = _strides4(em)
+    if kpm is not None:
+        s["skpb"], s["skpn"] = kpm.stride(0), kpm.stride(1)
+    else:
+        s["skpb"], s["skpn"] = 0, 0
+    a.update(s)
+    a.update(
+        H=H, G=G, Tq_arg=Tq, Tk_arg=Tk, D=D, DV=DV,
+        Mq_bm=kvn.shape[-1] if kvn is not None else 0, Nk_bm=kvi.shape[-1] if kvi is not None else 0,
+        scale_log2=scale * LOG2E, win_left=max(window_left, 0), win_right=max(right, 0),
+        bias_hdiv=(H // bias.shape[1]) if bias is not None and bias.shape[1] not in (1, H) else 1,
+        mask_hdiv=(H // mask.shape[1]) if mask is not None and mask.shape[1] not in (1, H) else 1,
+        Q_BUCKET=bucket(Tq), K_BUCKET=bucket(Tk),
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_KPM=kpm is not None, HAS_EM=em is not None,
+        IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0,
+        SPARSE=kvn is not None, HAS_FULL=fn is not None, BM_BQ=block_q if kvn is not None else 0,
+        BM_BK=block_k if kvn is not None else 0,
+        DOT_PREC=dot_precision(q.dtype), BLOCK_D=head_block(D), BLOCK_DV=head_block(DV),
+    )
+    return a, (B, H, Hkv, G, Tq, Tk, D, DV)
+
+
+def lse_shape(q, cu_q, B, H, Tq):
+    return (H, q.shape[0]) if cu_q is not None else (B, H, Tq)
+
+
+def lse_strides(lse: torch.Tensor, varlen: bool):
+    if varlen:  # [H, Nq]
+        return 0, lse.stride(0), lse.stride(1)
+    return lse.stride(0), lse.stride(1), lse.stride(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The custom op
+
+
+@torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    elem_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+    kv_num_blocks: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor],
+    full_kv_num_blocks: Optional[torch.Tensor], full_kv_indices: Optional[torch.Tensor],
+    scale: float, causal: bool, window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int,
+    block_q: int, block_k: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention forward. Block-mask tensors are ``[B, H, Mq]`` / ``[B, H, Mq, Nk]`` int32
+    contiguous (already expanded); ``elem_mask`` is the partial blocks' element mask ``[B|1, H|1, Tq, Tk]``."""
+    args, (B, H, Hkv, G, Tq, Tk, D, DV) = common_args(
+        q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks, kv_indices,
+        full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right, max_seqlen_q, max_seqlen_k,
+        block_q, block_k)
+    varlen = cu_seqlens_q is not None
+    o = new_output(q.shape[:-1] + (DV,), dtype=q.dtype, device=q.device)
+    lse = new_output(lse_shape(q, cu_seqlens_q, B, H, Tq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    so = _bhq(o, varlen)
+    args.update(O=o, LSE=lse, sob=so[0], sot=so[1], soh=so[2], sod=so[3])
+    args["slb"], args["slh"], args["slt"] = lse_strides(lse, varlen)
+    kernel, meta = launcher("fwd", _attn_fwd_kernel, GPU_FWD_CONFIGS)
+    grid = lambda META: (triton.cdiv(max(Tq, 1), META["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](**args, **meta)
+    return o, lse
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks,
+                        kv_indices, full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right,
+                        max_seqlen_q, max_seqlen_k, block_q, block_k):
+    H = q.shape[-2]
+    o = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], H, q.shape[1]), dtype=torch.float32)
+    return o, lse
+
+
+def block_mask_tensors(block_mask, B: int, H: int, Tq: int, Tk: int, device) -> Tuple[List[Optional[torch.Tensor]], Tuple[int, int]]:
+    """Expand a BlockMask's lists to ``[B, H, ...]`` int32 contiguous and evaluate its mask_mod once into
+    the partial blocks' element mask (broadcast over the dims the mask_mod ignores)."""
+    from attnzoo.ops.masks.block_mask import _eval_mask_mod
+
+    def prep(t, extra):
+        if t is None:
+            return None
+        t = t.to(device=device, dtype=torch.int32)
+        return t.expand(B, H, *t.shape[2:]).contiguous() if extra else t.expand(B, H, t.shape[2]).contiguous()
+
+    kvn = prep(block_mask.kv_num_blocks, False)
+    kvi = prep(block_mask.kv_indices, True)
+    fn = prep(block_mask.full_kv_num_blocks, False)
+    fi = prep(block_mask.full_kv_indices, True)
+    em = None
+    if block_mask.mask_mod is not None:
+        em = _eval_mask_mod(block_mask.mask_mod, B, H, Tq, Tk, device)
+        # keep only the dims mask_mod depends on (the rest broadcast with stride 0)
+        em = em[tuple(slice(None) if st != 0 else slice(0, 1) for st in em.stride())]
+    return [kvn, kvi, fn, fi, em], tuple(block_mask.block_size)

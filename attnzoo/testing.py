@@ -1,0 +1,40 @@
+"""The accuracy rule every kernel is held to (SPEC §0), shared by the tests and ``attnzoo check``.
+
+Against a float64 reference, a kernel's max error must be at most ``2x`` the max error of the same
+reference evaluated in the kernel's own low precision, plus a small absolute floor. Never "95% of
+elements close".
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute difference, treating equal infinities (e.g. lse = -inf) as 0 and any NaN as inf."""
+    a, b = a.double(), b.double()
+    diff = (a - b).abs()
+    same_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+    diff = torch.where(same_inf, torch.zeros_like(diff), diff)
+    if torch.isnan(diff).any():
+        return float("inf")
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def accuracy_rule(
+    out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.Tensor, dtype: torch.dtype | None = None
+) -> Tuple[bool, float, float]:
+    """``(ok, err, tol)`` with ``err = |out - ref_hi|_max``, ``tol = 2 |ref_lo - ref_hi|_max + floor(dtype)``."""
+    dtype = dtype or out.dtype
+    err = max_abs_error(out, ref_hi)
+    tol = 2.0 * max_abs_error(ref_lo, ref_hi) + FLOORS.get(dtype, 1e-5)
+    return err <= tol, err, tol
+
+
+def assert_accuracy(out, ref_hi, ref_lo, name: str = "output", dtype=None) -> None:
+    ok, err, tol = accuracy_rule(out, ref_hi, ref_lo, dtype)
+    assert ok, f"{name}: max error {err:.3e} exceeds 2x the low-precision reference's error + floor = {tol:.3e}"
