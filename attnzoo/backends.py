@@ -16,7 +16,6 @@ chosen op (no graph break from dispatch).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -127,9 +126,11 @@ def dispatch(op: str, backend: str, **inputs):
 # Facts about this environment that backends' ``supports`` share.
 
 
-@functools.lru_cache(None)
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreter_on() -> bool:

@@ -1,0 +1,50 @@
+"""The README's promises: its two set-up commands, CI running the test one, and a true status table."""
+
+import re
+from pathlib import Path
+
+import attnzoo
+from attnzoo import backends
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def bash_blocks():
+    return re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+
+
+def test_exactly_two_setup_commands():
+    blocks = [b.strip() for b in bash_blocks()]
+    assert len(blocks) == 2, blocks
+    assert blocks[0].endswith("attnzoo check")
+    assert blocks[1].endswith("pytest -q")
+    for b in blocks:
+        assert b.startswith("python3 -m pip install -q torch==2.13.0 &&"), "torch must be installed first"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert bash_blocks()[1].strip() in ci.splitlines()
+
+
+def test_status_table_is_true():
+    table = README.split("<!-- status-table -->")[1].split("<!-- /status-table -->")[0]
+    rows = [r for r in table.strip().splitlines()[2:]]
+    assert rows
+    op_of_row = {
+        "attention": "attention",
+        "attention_with_kvcache": "attention_with_kvcache",
+        "moh_attention / MoHAttention": "moh_attention",
+        "dynamic_mask_attention / DynamicMaskAttention": "dynamic_mask_attention",
+        "lightning_attention / LightningAttention": "lightning_attention",
+        'KHA-MLP (knocking="mlp")': "kha_mlp",
+    }
+    for row in rows:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        op = op_of_row[cells[0]]
+        have = {i.backend for i in backends.implementations(op)}
+        for name, cell in zip(("reference", "triton", "cuda"), cells[1:]):
+            claims = cell.startswith("yes")
+            assert claims == (name in have), f"README says {cell!r} for {op}/{name}; registered: {sorted(have)}"
+    assert attnzoo.__version__
