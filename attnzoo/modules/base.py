@@ -154,15 +154,35 @@ class SoftmaxAttentionBase(nn.Module):
         b = None if proj.bias is None else (proj.bias.view(Hkv, H // Hkv, D) * m).sum(1).reshape(-1)
         return w, b
 
+    def projection_weights(self, name: str, knock: bool):
+        """Effective ``(weight, bias, heads)`` of projection ``name`` in ``"q"|"k"|"v"``: WGQA mixing applied
+        and, with ``knock``, the KHA-Linear matrix for ``name`` folded in (``W'_i = T^T W_i``)."""
+        proj = getattr(self, f"{name}_proj")
+        if name == "q":
+            w, b, heads = proj.weight, proj.bias, self.num_heads
+        else:
+            w, b = self._kv_weight(proj, getattr(self, f"{name}_mix", None))
+            heads = self.num_kv_heads
+        t = self.knocking.linear_matrices().get(name) if knock and self.knocking is not None else None
+        if t is not None:
+            w, b = fold_linear_into_proj(w, b, t, heads)
+        return w, b, heads
+
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """``x [B, T, dim]`` -> ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` after knocking, QK-norm, RoPE."""
+        """``x [B, T, dim]`` -> ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` after knocking, QK-norm, RoPE.
+
+        KHA-Linear is applied to the projection weights when that is cheaper -- more tokens in the call
+        than the model dim (``D x D x dim`` per head instead of ``D x D`` per token and head) -- and to
+        the activations otherwise; both are the same linear map.
+        """
         B, T, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D)
-        k = F.linear(x, *self._kv_weight(self.k_proj, getattr(self, "k_mix", None))).view(B, T, Hkv, D)
-        v = F.linear(x, *self._kv_weight(self.v_proj, getattr(self, "v_mix", None))).view(B, T, Hkv, D)
+        knock_weights = self.knocking is not None and B * T > self.dim
+        q, k, v = (
+            F.linear(x, w, b).view(B, T, heads, self.head_dim)
+            for w, b, heads in (self.projection_weights(n, knock_weights) for n in ("q", "k", "v"))
+        )
         if self.knocking is not None:
-            q, k, v = self.knocking(q, k, v)
+            q, k, v = self.knocking(q, k, v, linear=not knock_weights)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
@@ -215,34 +235,22 @@ class SoftmaxAttentionBase(nn.Module):
         """An equivalent module with WGQA mixing and KHA-Linear matrices folded into the projection
         weights (no extra parameters, no overhead). KHA-MLP is not foldable and is kept as it is."""
         new = copy.deepcopy(self)
+        folded = {n: new.projection_weights(n, knock=True)[:2] for n in ("q", "k", "v")}
+        for name, (w, b) in folded.items():
+            plain = nn.Linear(self.dim, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            plain.weight.copy_(w)
+            if b is not None:
+                plain.bias.copy_(b)
+            setattr(new, f"{name}_proj", plain)
         if new.kv_weights == "wgqa":
-            for name in ("k", "v"):
-                proj, mix = getattr(new, f"{name}_proj"), getattr(new, f"{name}_mix")
-                w, b = new._kv_weight(proj, mix)
-                plain = nn.Linear(self.dim, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-                plain.weight.copy_(w)
-                if b is not None:
-                    plain.bias.copy_(b)
-                setattr(new, f"{name}_proj", plain)
-                delattr(new, f"{name}_mix")
+            del new.k_mix, new.v_mix
             new.kv_weights = new.config["kv_weights"] = None
         kn = new.knocking
-        if kn is not None:
-            pairs = [(new.q_proj, kn.t_q, new.num_heads), (new.k_proj, kn.t_k, new.num_kv_heads)]
-            if kn.form == "linear":
-                pairs.append((new.v_proj, kn.t_v, new.num_kv_heads))
-            for proj, t, heads in pairs:
-                if t is None:
-                    continue
-                w, b = fold_linear_into_proj(proj.weight, proj.bias, t, heads)
-                proj.weight.copy_(w)
-                if b is not None:
-                    proj.bias.copy_(b)
-            if kn.form == "linear":
-                new.knocking = new.config["knocking"] = None
-            else:
-                kn.t_q = kn.t_k = None
-                kn.knock_qk = new.config["knock_qk"] = False
+        if kn is not None and kn.form == "linear":
+            new.knocking = new.config["knocking"] = None
+        elif kn is not None:
+            kn.t_q = kn.t_k = None
+            kn.knock_qk = new.config["knock_qk"] = False
         return new
 
     def extra_repr(self) -> str:

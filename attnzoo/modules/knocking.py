@@ -37,14 +37,20 @@ class KnockingHeads(nn.Module):
             self.w_gate = nn.Parameter(torch.zeros(head_dim, head_dim, device=device, dtype=dtype))
             self.w_down = eye()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """``q [B, T, H, D]``, ``k [B, T, Hkv, D]``, ``v [B, T, Hkv, D]`` -> the knocked tensors."""
-        if self.t_q is not None:
-            q = R.kha_linear(q, self.t_q)
-            k = R.kha_linear(k, self.t_k)
-        if self.form == "linear":
-            v = R.kha_linear(v, self.t_v)
-        else:
+    def linear_matrices(self) -> dict:
+        """The linear (foldable) matrices by tensor name: ``{"q": T^Q, "k": T^K, "v": T^V}`` where present."""
+        mats = {"q": self.t_q, "k": self.t_k, "v": self.t_v if self.form == "linear" else None}
+        return {name: t for name, t in mats.items() if t is not None}
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, linear: bool = True):
+        """``q [B, T, H, D]``, ``k [B, T, Hkv, D]``, ``v [B, T, Hkv, D]`` -> the knocked tensors.
+        ``linear=False`` skips the linear matrices (the caller folded them into the projection weights)."""
+        if linear:
+            mats = self.linear_matrices()
+            q = R.kha_linear(q, mats["q"]) if "q" in mats else q
+            k = R.kha_linear(k, mats["k"]) if "k" in mats else k
+            v = R.kha_linear(v, mats["v"]) if "v" in mats else v
+        if self.form == "mlp":
             v = R.kha_mlp(v, self.w_up, self.w_gate, self.w_down)
         return q, k, v
 
