@@ -57,7 +57,7 @@ class DynamicMaskAttention(SoftmaxAttentionBase):
 
     def _key_extras(self, x, k, v):
         dt = self.dt_proj(v.reshape(*v.shape[:2], -1))  # [B, T, Hkv]
-        return {"dma_bias": dma_bias(dt, self.A, self.bias_form).transpose(1, 2)}  # cached as [B, T, Hkv]
+        return {"dma_bias": dma_bias(dt, self.A, self.bias_form)}  # [B, T, Hkv], cached beside K and V
 
     def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask):
         bias = extras["dma_bias"].transpose(1, 2)  # [B, Hkv, Tk]

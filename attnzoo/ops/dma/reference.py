@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from attnzoo.ops.attention.reference import attention_reference, visibility
 
@@ -19,14 +18,18 @@ BIAS_FORMS = ("linear", "exp")
 
 
 def dma_bias(dt: torch.Tensor, A: torch.Tensor, bias_form: str = "linear") -> torch.Tensor:
-    """``dt [B, Tk, Hkv]`` (``dt_proj(V)``) and ``A [Hkv]`` -> ``bias [B, Hkv, Tk]``:
+    """``dt [B, Tk, Hkv]`` (``dt_proj(V)``) and ``A [Hkv]`` -> ``bias [B, Tk, Hkv]`` (transpose it for
+    :func:`attnzoo.dynamic_mask_attention`, which takes ``[B, Hkv, Tk]``):
     ``A softplus(dt)`` (``"linear"``, the current form) or ``exp(A softplus(dt))`` (``"exp"``, the original)."""
     if bias_form not in BIAS_FORMS:
         raise ValueError(f"bias_form: expected one of {BIAS_FORMS}, got {bias_form!r}")
-    b = A * F.softplus(dt.float())
+    dt = dt.double() if dt.dtype == torch.float64 else dt.float()  # fp32, fp64 stays fp64
+    # softplus as logaddexp(dt, 0): same values; its backward keeps strides that torch.compile's
+    # aot_eager tracing agrees with (aten.softplus_backward's output strides did not)
+    b = A * torch.logaddexp(dt, torch.zeros((), dtype=dt.dtype, device=dt.device))
     if bias_form == "exp":
         b = torch.exp(b)
-    return b.transpose(1, 2)
+    return b
 
 
 def dma_keep_mask(bias: torch.Tensor, visible: Optional[torch.Tensor], keep_window: int, Tq: int) -> torch.Tensor:
