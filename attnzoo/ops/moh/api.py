@@ -34,7 +34,8 @@ def moh_attention(
 
     ``q [B, Tq, H, D]``, ``k, v [B, Tk, Hkv, D]``, ``gates [B, Tq, H]`` (0 = inactive head for that token,
     whose attention a kernel skips). K and V stay dense: an active query sees every key it may see.
-    Gradients flow to ``gates`` (``dgate = rowsum(dO * O_unscaled)``).
+    Gradients flow to the active gates (``dgate = rowsum(dO * O_unscaled)``); inactive pairs are never
+    computed and their gates get no gradient.
     """
     window = validate_attention(
         q, k, v, causal=causal, scale=scale, window=window, bias=None, mask=None, block_mask=None,
