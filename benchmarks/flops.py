@@ -78,7 +78,7 @@ def _row_counts(Tq: int, Tk: int, causal: bool, window: Tuple[int, int]) -> Iter
     for i in range(Tq):
         lo = 0 if left < 0 else max(0, i + off - left)
         if causal:
-            hi = min(Tk - 1, i + off if right < 0 else min(i + off, i + off + right))
+            hi = min(Tk - 1, i + off)  # a right window >= 0 cannot widen a causal row
         else:
             hi = Tk - 1 if right < 0 else min(Tk - 1, i + off + right)
         yield max(0, hi - lo + 1)
@@ -123,27 +123,22 @@ def block_sparse_area(blocks, Tq: int, Tk: int, block_size: Tuple[int, int]) -> 
     of truthy flags, summed over every leading (batch, head) entry; edge blocks are clipped to
     ``Tq``/``Tk``."""
     bq, bk = block_size
-    total = 0
-
-    def walk(x):
-        nonlocal total
-        # a 2-D [Mq][Nk] leaf: rows are sequences of scalars
-        rows = list(x)
-        if rows and not hasattr(rows[0], "__len__"):
-            raise ValueError("blocks: expected at least 2 dims [..., Mq, Nk]")
-        if rows and rows[0] is not None and len(rows[0]) and hasattr(rows[0][0], "__len__"):
-            for r in rows:
-                walk(r)
-            return
-        for m, row in enumerate(rows):
-            hq = min(bq, Tq - m * bq)
-            for n, flag in enumerate(row):
-                if bool(flag):
-                    total += hq * min(bk, Tk - n * bk)
-
     if hasattr(blocks, "tolist"):
         blocks = blocks.tolist()
-    walk(blocks)
+    ndim, probe = 0, blocks
+    while isinstance(probe, (list, tuple)):
+        ndim += 1
+        probe = probe[0] if len(probe) else None
+    if ndim < 2:
+        raise ValueError("blocks: expected at least 2 dims [..., Mq, Nk]")
+    mats = [blocks]
+    for _ in range(ndim - 2):
+        mats = [m for outer in mats for m in outer]
+    total = 0
+    for mat in mats:
+        for m, row in enumerate(mat):
+            hq = min(bq, Tq - m * bq)
+            total += sum(hq * min(bk, Tk - n * bk) for n, flag in enumerate(row) if flag)
     return total
 
 

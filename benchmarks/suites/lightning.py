@@ -1,0 +1,132 @@
+"""``lightning``: lightning (linear) attention, 1k..128k tokens per sequence, forward and
+forward+backward, plus the per-token decode step (one token against a recurrent state).
+
+16 heads of 128 (a 2048-wide model), 128k tokens per batch (B = 131072 / T), decay = the ``"alibi"``
+preset of SPEC §6 for layer 0 (``s_h = 2^(-8h/H)``, h = 1..H), scale 1.0 (the paper's form). The gold
+answer is an independent fp32 chunked evaluation of SPEC §6's recurrence written here, so a provider that
+uses another decay convention (e.g. ``lambda = s`` instead of ``exp(-s)``) shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from benchmarks import flops as F
+from benchmarks.suites.base import Case, Suite, fmt_tokens, randn, seed_of
+
+TOKENS = 131072
+
+
+def alibi_decay(H: int):
+    """``s_h = 2^(-8 h / H)``, h = 1..H (H a power of two; the benchmark only uses those)."""
+    import torch
+
+    return torch.tensor([2.0 ** (-8.0 * h / H) for h in range(1, H + 1)], dtype=torch.float32)
+
+
+def lightning_gold(q, k, v, s, *, scale=1.0, initial_state=None, chunk: int = 64):
+    """fp32 ``o_t = scale * q_t S_t``, ``S_t = exp(-s) S_{t-1} + k_t^T v_t`` by chunks of ``chunk`` tokens
+    (intra-chunk masked quadratic form, inter-chunk state). Differentiable. Returns ``(o, final_state)``."""
+    import torch
+
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    log_l = -s.float().to(q.device).view(1, H, 1, 1)
+    state = (torch.zeros(B, H, D, Dv, device=q.device) if initial_state is None else initial_state.float())
+    outs = []
+    for t0 in range(0, T, chunk):
+        qc, kc, vc = q[:, :, t0:t0 + chunk], k[:, :, t0:t0 + chunk], v[:, :, t0:t0 + chunk]
+        C = qc.shape[2]
+        i = torch.arange(C, device=q.device, dtype=torch.float32)
+        diff = i.view(C, 1) - i.view(1, C)
+        decay = torch.where(diff >= 0, torch.exp(log_l * diff.clamp_min(0)), torch.zeros((), device=q.device))
+        intra = ((qc @ kc.transpose(-1, -2)) * decay) @ vc
+        inter = (qc * torch.exp(log_l * (i + 1).view(1, 1, C, 1))) @ state
+        outs.append(scale * (intra + inter))
+        kdec = kc * torch.exp(log_l * (C - 1 - i).view(1, 1, C, 1))
+        state = torch.exp(log_l * C) * state + kdec.transpose(-1, -2) @ vc
+    o = torch.cat(outs, dim=2).transpose(1, 2)
+    return o, state
+
+
+class LightningSuite(Suite):
+    name = "lightning"
+    description = "lightning attention: 1k..128k tokens fwd and fwd+bwd, plus the per-token decode step"
+    # long linear recurrences accumulate more bf16 rounding than softmax rows do
+    out_tol = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 1e-3}
+    grad_tol = {"bfloat16": 8e-2, "float16": 3e-2, "float32": 2e-3}
+
+    def grid(self, level: str):
+        if level == "tiny":
+            return dict(H=2, D=16, seqs=(32, 64), tokens=128, modes=("fwd", "fwd+bwd"), step_batches=(2,))
+        if level == "quick":
+            return dict(H=16, D=128, seqs=(4096, 65536), tokens=TOKENS, modes=("fwd", "fwd+bwd"), step_batches=(16,))
+        return dict(H=16, D=128, seqs=(1024, 4096, 16384, 65536, 131072), tokens=TOKENS, modes=("fwd", "fwd+bwd"),
+                    step_batches=(1, 8, 64, 256))
+
+    def cases(self, level: str = "full") -> List[Case]:
+        g = self.grid(level)
+        H, D = g["H"], g["D"]
+        out = []
+        for mode in g["modes"]:
+            group = f"{mode} H={H} D={D}"
+            for T in g["seqs"]:
+                B = max(1, g["tokens"] // T)
+                out.append(Case(
+                    suite=self.name, name=f"{group} T={fmt_tokens(T)}", group=group, x_name="T", x=T, mode=mode,
+                    shape=dict(B=B, T=T, H=H, D=D), params=dict(decay="alibi", scale=1.0), metric="tflops",
+                    flops=F.linear_attention_flops(B, T, H, D, mode=mode), tokens=B * T, input_key=(B, T, H, D),
+                ))
+        for B in g["step_batches"]:
+            group = f"decode step H={H} D={D}"
+            out.append(Case(
+                suite=self.name, name=f"{group} B={B}", group=group, x_name="B", x=B, mode="step",
+                shape=dict(B=B, T=1, H=H, D=D), params=dict(decay="alibi", scale=1.0), metric="gbps",
+                flops=F.linear_attention_flops(B, 1, H, D), bytes=F.linear_decode_bytes(B, H, D, elem=2), tokens=B,
+                input_key=("step", B, H, D),
+            ))
+        return out
+
+    def providers(self):
+        from benchmarks.providers import lightning_providers
+
+        return lightning_providers()
+
+    def make_inputs(self, case: Case, device, dtype):
+        s = case.shape
+        B, T, H, D = s["B"], s["T"], s["H"], s["D"]
+        seed = seed_of(self.name, case.input_key)
+        # unit-norm-ish rows keep the unnormalised linear recurrence in a sane range at 128k tokens
+        x = {
+            "q": randn((B, T, H, D), device=device, dtype=dtype, seed=seed, scale=D ** -0.5),
+            "k": randn((B, T, H, D), device=device, dtype=dtype, seed=seed + 1, scale=D ** -0.5),
+            "v": randn((B, T, H, D), device=device, dtype=dtype, seed=seed + 2),
+            "s": alibi_decay(H).to(device),
+            "dout": randn((B, T, H, D), device=device, dtype=dtype, seed=seed + 3),
+        }
+        if case.mode == "step":
+            import torch
+
+            x["state"] = randn((B, H, D, D), device=device, dtype=torch.float32, seed=seed + 4)
+        return x
+
+    def gold(self, case: Case, inputs, with_grads: bool):
+        import torch
+
+        if case.mode == "step":
+            with torch.no_grad():
+                o, st = lightning_gold(inputs["q"], inputs["k"], inputs["v"], inputs["s"], initial_state=inputs["state"])
+            return {"out": (o, st), "grads": {}}
+        if not with_grads:
+            with torch.no_grad():
+                o, _ = lightning_gold(inputs["q"], inputs["k"], inputs["v"], inputs["s"])
+            return {"out": o, "grads": {}}
+        leaves = {n: inputs[n].detach().float().requires_grad_(True) for n in ("q", "k", "v")}
+        with torch.enable_grad():
+            o, _ = lightning_gold(leaves["q"], leaves["k"], leaves["v"], inputs["s"])
+            o.backward(inputs["dout"].float())
+        return {"out": o.detach(), "grads": {n: t.grad for n, t in leaves.items()}}
+
+
+SUITE = LightningSuite()

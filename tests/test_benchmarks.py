@@ -1,0 +1,509 @@
+"""The benchmark suite's CPU-side logic: FLOP/byte formulas, the results schema, report and plot
+generation from a synthetic fixture, ``--dry-run``, the refusal without a GPU, and the check-before-time
+pipeline. Nothing here times anything or asserts a speed: the timer is a stub returning a constant."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import flops as F
+from benchmarks import report, runner
+from benchmarks import suites as S
+from benchmarks.providers import Built, Provider
+from benchmarks.suites.base import gold_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "bench_results_sample.json"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny CPU tensors: one intra-op thread is fastest and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def stub_bench(calls=None, ms=1.0):
+    """Runs the function once (so errors surface) and returns a constant: no timing."""
+
+    def bench(fn, grad_to_none=None):
+        fn()
+        if calls is not None:
+            calls.append(fn)
+        return ms
+
+    return bench
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP and byte formulas against hand-computed cases
+
+
+def test_attention_area_hand_counts():
+    assert F.attention_area(4, 4, causal=False) == 16
+    assert F.attention_area(4, 4, causal=True) == 1 + 2 + 3 + 4
+    # bottom-right causal with Tk > Tq: rows see 3, 4, 5, 6 keys
+    assert F.attention_area(4, 6, causal=True) == 3 + 4 + 5 + 6
+    # Tq > Tk: the first rows see nothing (0, 0, 1, 2)
+    assert F.attention_area(4, 2, causal=True) == 0 + 0 + 1 + 2
+    # sliding window (left=2, right=0) around the diagonal, not causal-flagged: 1, 2, 3, 3, 3
+    assert F.attention_area(5, 5, causal=False, window=(2, 0)) == 1 + 2 + 3 + 3 + 3
+    assert F.attention_area(5, 5, causal=True, window=(1, -1)) == 1 + 2 + 2 + 2 + 2
+
+
+def test_attention_flops_fa3_formula():
+    # 2 * B * H * (D + Dv) * area: B=2, H=3, D=Dv=8, causal 4x4 (area 10)
+    assert F.attention_flops(2, 3, 4, 4, 8, causal=True) == 2 * 2 * 3 * 16 * 10 == 1920
+    assert F.attention_flops(2, 3, 4, 4, 8, causal=True, mode="bwd") == 2.5 * 1920
+    assert F.attention_flops(2, 3, 4, 4, 8, causal=True, mode="fwd+bwd") == 3.5 * 1920
+    # dense: the familiar 4 * B * H * T^2 * D when Dv == D
+    assert F.attention_flops(1, 1, 1024, 1024, 128) == 4 * 1024 * 1024 * 128
+    # Dv != D and an explicit area
+    assert F.attention_flops(1, 1, 4, 4, 8, 16) == 2 * 24 * 16
+    assert F.attention_flops(1, 2, 8, 8, 4, area=5) == 2 * 2 * 8 * 5
+    with pytest.raises(ValueError):
+        F.attention_flops(1, 1, 4, 4, 8, mode="sideways")
+
+
+def test_sparse_areas():
+    # 2x2 blocks of 128 over 200 tokens: blocks (0,0), (1,0), (1,1) -> 128*128 + 72*128 + 72*72
+    assert F.block_sparse_area([[[1, 0], [1, 1]]], 200, 200, (128, 128)) == 16384 + 9216 + 5184
+    blocks = torch.tensor([[[[True, False], [True, True]]], [[[False, True], [False, False]]]])  # [2, 1, 2, 2]
+    assert F.block_sparse_area(blocks, 256, 256, (128, 128)) == 4 * 128 * 128
+    # DMA: each causal row keeps min(i + 1, w): w=2, T=5 -> 1, 2, 2, 2, 2
+    assert F.dma_area(5, 2) == 9
+    assert F.dma_area(5, 99) == F.attention_area(5, 5, causal=True) == 15
+    assert F.dma_area(5, 2, causal=False) == 10
+    dense, eff = F.moh_flops(1, 4, 8, 16, 0.5)
+    assert dense == F.attention_flops(1, 4, 8, 8, 16, causal=True) and eff == dense / 2
+
+
+def test_decode_bytes_and_area():
+    # SPEC §2: 2 * B * Tk * Hkv * D * bytes for K and V, plus q read and o written
+    kv = 2 * 2 * 100 * 2 * 64 * 2
+    q_and_o = 2 * (2 * 1 * 8 * 64 * 2)
+    assert F.decode_bytes(2, 1, 8, 2, 64, cache_lens=100, elem=2) == kv + q_and_o == 106496
+    # per-entry cache lengths: 100 + 50 cached tokens
+    assert F.decode_bytes(2, 1, 8, 2, 64, cache_lens=[100, 50], elem=2) == 150 * 2 * 128 * 2 + q_and_o
+    with pytest.raises(ValueError):
+        F.decode_bytes(2, 1, 8, 2, 64, cache_lens=[100], elem=2)
+    # 4 new queries against 10 cached keys (bottom-right causal): 7 + 8 + 9 + 10
+    assert F.decode_area(4, 10) == 34
+    assert F.decode_area(4, 10, causal=False) == 40
+
+
+def test_linear_attention_counts():
+    assert F.linear_attention_flops(1, 10, 2, 4) == 4 * 10 * 2 * 16
+    assert F.linear_attention_flops(1, 10, 2, 4, mode="fwd+bwd") == 3 * 4 * 10 * 2 * 16
+    # state [1, 2, 4, 4] fp32 read and written + q, k, v, o of one token in bf16
+    assert F.linear_decode_bytes(1, 2, 4, elem=2) == 2 * 2 * 16 * 4 + 2 * 16 * 2 == 320
+
+
+def test_module_and_kha_counts():
+    B, T, dim, H, Hkv, D = 1, 4, 8, 2, 1, 4
+    proj = 2 * B * T * dim * (H + 2 * Hkv) * D + 2 * B * T * H * D * dim
+    core = F.attention_flops(B, H, T, T, D, causal=True)
+    assert F.mha_module_flops(B, T, dim, H, Hkv, D) == proj + core
+    assert F.mha_module_flops(B, T, dim, H, Hkv, D, mode="fwd+bwd") == 3 * proj + 3.5 * core
+    assert F.kha_extra_flops(B, T, H, Hkv, D, "linear") == 2 * B * T * (H + 2 * Hkv) * D * D
+    assert F.kha_extra_flops(B, T, H, Hkv, D, "mlp") == 3 * 2 * B * T * Hkv * D * D
+
+
+def test_rates_and_bandwidth():
+    assert F.tflops(2e12, 1000.0) == pytest.approx(2.0)
+    assert F.gbps(3e9, 500.0) == pytest.approx(6.0)
+    assert F.tflops(1e12, 0) is None and F.gbps(None, 1.0) is None
+    # H100 SXM: 2619 MHz HBM3 clock, 5120-bit bus, double data rate
+    assert F.peak_bandwidth("NVIDIA H100 80GB HBM3", 2_619_000, 5120) == pytest.approx(3.352e12, rel=1e-3)
+    assert F.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert F.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert F.peak_bandwidth("Some Unknown Accelerator") is None
+    assert F.elem_bytes(torch.bfloat16) == 2 and F.elem_bytes("float32") == 4
+
+
+def test_cases_carry_the_formulas():
+    for c in S.get("attention").cases("full"):
+        s = c.shape
+        assert c.flops == F.attention_flops(s["B"], s["H"], s["T"], s["T"], s["D"], causal=c.params["causal"], mode=c.mode)
+    for c in S.get("decode").cases("full"):
+        s = c.shape
+        assert c.bytes == F.decode_bytes(s["B"], s["Tn"], s["H"], s["Hkv"], s["D"], cache_lens=s["Tk"], elem=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sweeps the issue asks for
+
+
+def test_suite_sweeps():
+    att = S.get("attention").cases("full")
+    assert {c.shape["D"] for c in att} == {64, 128, 256}
+    assert {c.mode for c in att} == {"fwd", "bwd", "fwd+bwd"}
+    assert {c.params["causal"] for c in att} == {True, False}
+    assert min(c.shape["T"] for c in att) == 512 and max(c.shape["T"] for c in att) == 16384
+    assert {c.shape["B"] * c.shape["T"] for c in att} == {16384}  # fixed tokens per batch
+    assert any(c.shape["H"] == 32 and c.shape["Hkv"] == 8 for c in att)  # GQA
+    dec = S.get("decode").cases("full")
+    assert {c.shape["Tn"] for c in dec} >= {1, 16}
+    assert min(c.shape["Tk"] for c in dec) == 1024 and max(c.shape["Tk"] for c in dec) == 131072
+    assert {c.shape["B"] for c in dec} >= {1, 64}
+    assert {c.shape["Hkv"] for c in dec} == {8, 1} and {c.params["paged"] for c in dec} == {True, False}
+    lt = S.get("lightning").cases("full")
+    seqs = [c.shape["T"] for c in lt if c.mode != "step"]
+    assert min(seqs) == 1024 and max(seqs) == 131072
+    assert {c.mode for c in lt} == {"fwd", "fwd+bwd", "step"}
+    assert {c.x for c in S.get("moh").cases("full")} == {0.5, 0.75, 0.9, 1.0}
+    sp = S.get("sparse").cases("full")
+    assert {c.params["kind"] for c in sp} == {"block", "dma"}
+    assert all(c.flops_effective <= c.flops for c in sp)
+    kn = S.get("knocking").cases("full")
+    assert {c.params["base"] for c in kn} == {"mha", "gqa", "moh"}
+    for name in S.NAMES:  # quick is a strict subset in size
+        assert 0 < len(S.get(name).cases("quick")) < len(S.get(name).cases("full"))
+        names = [c.name for c in S.get(name).cases("full")]
+        assert len(names) == len(set(names))
+
+
+def test_dma_kept_ties_go_to_recent_keys():
+    from benchmarks.suites.sparse import dma_kept
+
+    kept = dma_kept(torch.zeros(1, 1, 6), keep_window=2)[0, 0]
+    i = torch.arange(6)
+    window = (i.view(1, 6) <= i.view(6, 1)) & (i.view(1, 6) > i.view(6, 1) - 2)
+    assert torch.equal(kept, window)  # equal biases: exactly a sliding window of 2
+    bias = torch.tensor([[[5.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])
+    kept = dma_kept(bias, keep_window=2)[0, 0]
+    assert kept[5].tolist() == [True, False, False, False, False, True]  # the big bias, then the newest
+
+
+def test_lightning_gold_matches_the_recurrence():
+    from benchmarks.suites.lightning import alibi_decay, lightning_gold
+
+    torch.manual_seed(0)
+    B, T, H, D = 1, 37, 2, 4
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(3))
+    s = alibi_decay(H).double()
+    S0 = torch.randn(B, H, D, D, dtype=torch.float64)
+    o, st = lightning_gold(q, k, v, s, scale=0.5, initial_state=S0, chunk=8)
+    state = S0.clone()
+    lam = torch.exp(-s).view(1, H, 1, 1)
+    for t in range(T):
+        state = lam * state + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        ref = 0.5 * torch.einsum("bhd,bhde->bhe", q[:, t], state)
+        assert torch.allclose(o[:, t].double(), ref, atol=1e-4)
+    assert torch.allclose(st.double(), state, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# check before time: the measurement pipeline with a stub timer
+
+
+class _AttentionProvider:
+    """Provider factories for the pipeline test (plain PyTorch)."""
+
+    @staticmethod
+    def correct(case, x):
+        def fn():
+            o, _ = gold_attention(x["q"], x["k"], x["v"], causal=case.params["causal"])
+            return o.to(x["q"].dtype)
+        # gold_attention detaches; use a differentiable formulation for backward modes
+        if case.needs_grad:
+            from attnzoo.ops.attention.reference import attention_reference
+
+            return Built(lambda: attention_reference(x["q"], x["k"], x["v"], causal=case.params["causal"]))
+        return Built(fn)
+
+    @staticmethod
+    def wrong_mask(case, x):
+        from attnzoo.ops.attention.reference import attention_reference
+
+        return Built(lambda: attention_reference(x["q"], x["k"], x["v"], causal=not case.params["causal"]))
+
+
+def test_pipeline_checks_before_timing():
+    suite = S.get("attention")
+    cases = [c for c in suite.cases("tiny") if c.shape["Hkv"] != c.shape["H"]][:3]  # GQA: fwd, bwd, fwd+bwd
+    assert {c.mode for c in cases} == {"fwd", "bwd", "fwd+bwd"}
+
+    def boom(case, x):
+        raise RuntimeError("kernel exploded")
+
+    def absent(case, x):
+        raise NotImplementedError("not written yet")
+
+    provs = [
+        Provider("good", "attnzoo", "torch", _AttentionProvider.correct, needs_cuda=False),
+        Provider("wrong", "peer", "torch", _AttentionProvider.wrong_mask, needs_cuda=False),
+        Provider("boom", "peer", "torch", boom, needs_cuda=False),
+        Provider("absent", "peer", "torch", absent, needs_cuda=False),
+        Provider("refuses", "peer", "torch", _AttentionProvider.correct, needs_cuda=False,
+                 supports=lambda c: "no thanks"),
+        Provider("elsewhere", "peer", "torch", _AttentionProvider.correct, needs_cuda=False,
+                 applies=lambda c: False),
+    ]
+    calls = []
+    recs = runner.run_suite(suite, cases, provs, torch.device("cpu"), torch.float32, bench=stub_bench(calls, 2.0))
+    by = {(r["provider"], r["mode"]): r for r in recs}
+    assert not any(r["provider"] == "elsewhere" for r in recs)
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        good = by[("good", mode)]
+        assert good["status"] == "ok" and good["checked"] and good["ms"] == 2.0, good
+        assert good["tflops"] == pytest.approx(F.tflops(good["flops"], 2.0))
+        if mode != "fwd":
+            assert {"dq", "dk", "dv"} <= set(good["errors"])
+        bad = by[("wrong", mode)]
+        assert bad["status"] == "mismatch" and bad["ms"] is None and "disagrees" in bad["message"]
+        assert by[("boom", mode)]["status"] == "error" and "kernel exploded" in by[("boom", mode)]["message"]
+        assert by[("absent", mode)]["status"] == "unsupported"
+        assert by[("refuses", mode)]["status"] == "unsupported" and by[("refuses", mode)]["message"] == "no thanks"
+    assert len(calls) == 3  # only the agreeing provider was ever handed to the timer
+
+
+@pytest.mark.parametrize("name", S.NAMES)
+def test_every_suite_runs_its_cpu_providers(name):
+    """Each suite's inputs, gold answer and the providers that can run on CPU agree (tiny shapes)."""
+    suite = S.get(name)
+    cases = suite.cases("tiny")
+    cases = [c for c in cases if c.mode in ("fwd", "step", "decode")][:2] + [c for c in cases if c.needs_grad][:1]
+    dev = torch.device("cpu")
+    provs = [p for p in suite.providers() if p.unavailable_reason(dev) is None]
+    if not provs:
+        pytest.skip(f"no provider of {name} runs on CPU here")
+    recs = runner.run_suite(suite, cases, provs, dev, torch.float32, bench=stub_bench())
+    assert recs
+    for r in recs:
+        assert r["status"] in ("ok", "unsupported"), r
+        if r["status"] == "ok":
+            assert r["checked"], r
+    assert any(r["status"] == "ok" for r in recs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# results schema
+
+
+def test_fixture_is_a_marked_synthetic_valid_results_file():
+    data = json.loads(FIXTURE.read_text())
+    assert data["synthetic"] is True and "SYNTHETIC" in data["_comment"]
+    assert report.validate(data) == []
+    assert not list((ROOT / "benchmarks" / "results").rglob("bench_results_sample*"))
+    for r in report.records_of(data):
+        assert r["environment"]["gpu"]["name"] and r["environment"]["torch"]
+
+
+def test_schema_catches_problems():
+    data = json.loads(FIXTURE.read_text())
+    bad = json.loads(json.dumps(data))
+    del bad["environment"]["driver"]
+    bad["records"][0]["status"] = "fast"
+    bad["records"][1]["ms"] = "1.0"
+    mism = next(r for r in bad["records"] if r["status"] == "mismatch")
+    mism["ms"] = 1.0
+    del bad["records"][2]["version"]
+    problems = report.validate(bad)
+    text = "\n".join(problems)
+    assert "environment.driver" in text and "records[0].status" in text and "records[1].ms" in text
+    assert "must not be timed" in text and "records[2].version" in text
+    assert report.validate({"schema": "other"})
+    assert report.validate([]) == ["top level is not an object"]
+
+
+def test_written_results_validate(tmp_path):
+    suite = S.get("attention")
+    cases = suite.cases("tiny")[:2]
+    provs = [Provider("good", "attnzoo", "torch", _AttentionProvider.correct, needs_cuda=False)]
+    recs = runner.run_suite(suite, cases, provs, torch.device("cpu"), torch.float32, bench=stub_bench())
+    env = runner.environment(None)
+    env["gpu"] = {"name": "NVIDIA Test GPU 80GB", "capability": "9.0", "sm_count": 1, "memory_bytes": 1,
+                  "bandwidth_bytes_per_s": 1e12, "count": 1}
+    meta = {"created_utc": "2026-02-03T04:05:06Z", "quick": True, "level": "tiny", "dtype": "float32", "argv": [],
+            "wall_s": 0.0, "measurement": {"timer": "stub"}, "providers": runner.provider_table(provs, "cpu")}
+    path = runner.write_results(tmp_path, "attention", recs, env, meta)
+    assert path.parent.name == "Test-GPU-80GB" and path.name == "attention-20260203T040506Z.json"
+    data = json.loads(path.read_text())
+    assert report.validate(data) == [], report.validate(data)
+    for key in ("gpu", "driver", "cuda", "torch", "triton", "libraries", "commit"):
+        assert key in data["environment"]
+    assert set(data["environment"]["libraries"]) >= {"xformers", "flash-attn", "fla-core", "lightning-attn", "flash-dmattn"}
+
+
+def test_gpu_slug():
+    assert runner.gpu_slug("NVIDIA H100 80GB HBM3") == "H100-80GB-HBM3"
+    assert runner.gpu_slug("NVIDIA H200") == "H200"
+    assert runner.gpu_slug("  ") == "unknown-gpu"
+
+
+# ----------------------------------------------------------------------------------------------------
+# report and plots from the fixture
+
+
+def _results_tree(tmp_path, copies=(("2026-01-01T00:00:00Z", None),)):
+    base = json.loads(FIXTURE.read_text())
+    folder = tmp_path / "results" / "SYNTHETIC-GPU"
+    folder.mkdir(parents=True)
+    for created, tweak in copies:
+        data = json.loads(json.dumps(base))
+        data["created_utc"] = created
+        if tweak:
+            tweak(data)
+        (folder / f"attention-{created.replace(':', '').replace('-', '')}.json").write_text(json.dumps(data))
+    return tmp_path / "results"
+
+
+def test_report_from_fixture(tmp_path):
+    results = _results_tree(tmp_path)
+    md = tmp_path / "RESULTS.md"
+    text = report.regenerate(results, md, plots=False)
+    assert md.read_text() == text
+    assert "## SYNTHETIC-GPU" in text and "SYNTHETIC FIXTURE" in text
+    assert "| case | attnzoo-triton | attnzoo-reference | sdpa-flash | sdpa-cudnn | xformers | flex |" in text
+    assert "**mismatch**" in text and "OOM" in text and "n/s" in text
+    # attnzoo-triton runs at 0.9 x sdpa-flash's time, sdpa-cudnn at 0.8 x: best peer / attnzoo = 0.8 / 0.9
+    assert f"{0.8 / 0.9:.2f}x" in text
+    assert "flash-attn (flash_attn is not installed)" in text  # providers not run are named
+    assert "xformers on fwd causal D=128 MHA 16/16 T=16384: mismatch" in text
+    assert "No GPU results" not in text
+
+
+def test_report_keeps_the_newest_file_per_gpu_and_suite(tmp_path):
+    def newer(data):
+        for r in data["records"]:
+            if r["provider"] == "attnzoo-triton" and r["ms"]:
+                r["ms"] = r["ms"] / 2
+                r["tflops"] = r["tflops"] * 2
+
+    results = _results_tree(tmp_path, (("2026-01-01T00:00:00Z", None), ("2026-03-01T00:00:00Z", newer)))
+    text = report.render(report.newest(report.load_all(results)), tmp_path / "RESULTS.md")
+    assert "2026-03-01T00:00:00Z" in text and "2026-01-01T00:00:00Z" not in text
+    assert f"{0.8 / 0.45:.2f}x" in text
+
+
+def test_report_without_results(tmp_path):
+    (tmp_path / "results").mkdir()
+    text = report.regenerate(tmp_path / "results", tmp_path / "RESULTS.md", plots=False)
+    assert "No GPU results exist yet" in text
+
+
+def test_committed_results_md_matches_the_results_folder():
+    committed = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    if not list((ROOT / "benchmarks" / "results").glob("*/*.json")):
+        assert "No GPU results exist yet" in committed
+    assert committed.startswith("# attnzoo benchmark results")
+
+
+def test_plot_from_fixture(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = json.loads(FIXTURE.read_text())
+    png = report.plot_results(data, tmp_path / "attention.png")
+    assert png is not None and png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = _results_tree(tmp_path / "tree")
+    text = report.regenerate(results, tmp_path / "tree" / "RESULTS.md", plots=True)
+    assert "![attention](results/SYNTHETIC-GPU/attention-20260101T000000Z.png)" in text
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    data = json.loads(FIXTURE.read_text())
+    assert report.plot_results(data, tmp_path / "x.png") is None
+    results = _results_tree(tmp_path)
+    text = report.regenerate(results, tmp_path / "RESULTS.md", plots=True)
+    assert "matplotlib" in capsys.readouterr().err and "| case |" in text
+    assert not list(results.rglob("*.png"))
+
+
+def test_speedup_ignores_the_reference_and_failures():
+    recs = {
+        "a": {"role": "attnzoo", "status": "ok", "ms": 2.0},
+        "r": {"role": "reference", "status": "ok", "ms": 0.1},
+        "p": {"role": "peer", "status": "ok", "ms": 3.0},
+        "q": {"role": "peer", "status": "mismatch", "ms": None},
+    }
+    assert report.speedup(recs) == 1.5
+    assert report.speedup({"r": recs["r"], "p": recs["p"]}) is None
+    assert report.overheads({"base": {"status": "ok", "ms": 2.0}, "kha-mlp": {"status": "ok", "ms": 2.1}}) == {
+        "kha-mlp": pytest.approx(0.05)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI: --dry-run and the refusal without a GPU
+
+
+def test_dry_run_lists_suites_shapes_and_providers(tmp_path, capsys):
+    rc = runner.main(["--dry-run", "--quick", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in S.NAMES:
+        assert f"suite {name}:" in out
+    assert "Providers (importable here? version):" in out
+    assert "sdpa-flash" in out and "torch" in out and "flex" in out
+    assert "xformers" in out and "lightning-attn" in out and "flash-dmattn" in out
+    assert "B=" in out and "T=" in out  # shapes
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written
+
+
+def test_dry_run_single_suite_full(capsys):
+    assert runner.main(["--dry-run", "--suite", "moh"]) == 0
+    out = capsys.readouterr().out
+    assert "suite moh: 16 cases" in out and "suite attention" not in out
+
+
+def test_refuses_without_a_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = runner.main(["--quick", "--suite", "attention", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--dry-run" in lines[0]
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoke_run_end_to_end(tmp_path, capsys):
+    """The whole flow (cases, check, records, results file, plot, report) on CPU with tiny shapes and a
+    placeholder timer; its output is marked synthetic."""
+    out = tmp_path / "out"
+    assert runner.main(["--smoke", "--suite", "attention", "--no-plots", "--out", str(out)]) == 0
+    files = list(out.glob("*/attention-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["synthetic"] is True and report.validate(data) == []
+    assert {r["status"] for r in data["records"]} == {"ok"} and all(r["checked"] for r in data["records"])
+    text = (out / "RESULTS.md").read_text()
+    assert "SYNTHETIC" in text and "attnzoo-reference" in text
+    # never into the real results folder
+    assert runner.main(["--smoke", "--suite", "attention"]) == 2
+
+
+def test_unknown_suite(capsys):
+    assert runner.main(["--suite", "nope", "--dry-run"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+
+
+def test_report_only(tmp_path, capsys):
+    results = _results_tree(tmp_path)
+    assert runner.main(["--report-only", "--no-plots", "--out", str(results)]) == 0
+    assert (results / "RESULTS.md").read_text().startswith("# attnzoo benchmark results")
+
+
+def test_python_dash_m_entry_points():
+    import benchmarks
+    import benchmarks.__main__  # noqa: F401  (importable without running)
+
+    assert callable(benchmarks.main)
+
+
+def test_progress_fallback():
+    buf = io.StringIO()
+    bar = runner._Bar(4, "suite", stream=buf)
+    bar.set_postfix_str("case | provider")
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    assert "4/4" in buf.getvalue() and "[########################]" in buf.getvalue()
