@@ -29,6 +29,17 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 
+def _scaled_softmax(logits: torch.Tensor, scale: float, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``scale * softmax(logits)`` over the last dim, restricted to ``keep`` (others 0), computed as
+    ``(scale * e_i) / sum_j e_j`` with ``e = exp(logits - max)``: equal logits give ``e = 1`` and a sum of
+    exactly ``n``, so ``scale = n`` gives gates of exactly 1 (``n * softmax`` rounds, e.g. ``12 * (1/12)``)."""
+    m = logits.detach().amax(dim=-1, keepdim=True)
+    e = torch.exp(logits - m)
+    if keep is not None:
+        e = e * keep
+    return (scale * e) / e.sum(-1, keepdim=True)
+
+
 def learned_router(
     x: torch.Tensor,
     w_routed: Optional[torch.Tensor],
@@ -55,15 +66,16 @@ def learned_router(
         a = torch.softmax(xf @ w_mix.float().t(), dim=-1) * (2.0 if code else 1.0)  # [B, T, 2]
     if w_shared is not None:
         hs = w_shared.shape[0]
-        g_s = torch.softmax(xf @ w_shared.float().t(), dim=-1) * (hs if code else 1.0)
+        g_s = _scaled_softmax(xf @ w_shared.float().t(), hs if code else 1.0)
         parts.append(g_s * a[..., :1] if a is not None else g_s)
     probs = None
     selected = torch.zeros(*x.shape[:2], 0, dtype=torch.bool, device=x.device)
     if w_routed is not None:
-        probs = torch.softmax(xf @ w_routed.float().t(), dim=-1)  # [B, T, h_r]
+        logits = xf @ w_routed.float().t()
+        probs = torch.softmax(logits, dim=-1)  # [B, T, h_r]
         selected = topk_mask(probs.detach(), top_k)
-        kept = probs * selected
-        g_r = top_k * kept / kept.sum(-1, keepdim=True) if code else kept
+        # code: k p_i / sum_topk p_j, computed from the logits so that equal logits give exactly 1
+        g_r = _scaled_softmax(logits, float(top_k), selected) if code else probs * selected
         parts.append(g_r * a[..., 1:] if a is not None else g_r)
     return RouterOutput(torch.cat(parts, dim=-1).to(x.dtype), probs, selected)
 
@@ -81,7 +93,7 @@ def qnorm_router(q: torch.Tensor, num_shared: int, top_k: int) -> RouterOutput:
     selected = topk_mask(scores.detach(), top_k)
     g_soft = top_k * torch.softmax(scores, dim=-1)
     g_hard = selected.float()
-    g_r = g_hard + g_soft - g_soft.detach()
+    g_r = g_hard + (g_soft - g_soft.detach())  # forward value exactly g_hard (0/1); gradient of g_soft
     g_s = torch.ones(B, T, num_shared, device=q.device)
     return RouterOutput(torch.cat([g_s, g_r], dim=-1).to(q.dtype), torch.softmax(scores, dim=-1), selected)
 

@@ -1,0 +1,391 @@
+"""Head-sparse MoH attention kernels (SPEC §3): attention only for the active ``(token, head)`` pairs.
+
+Packing (:mod:`attnzoo.ops.moh.packing`): per ``(b, h)`` the positions of its active tokens, ascending,
+and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
+
+Forward: one program per packed row tile of BLOCK_M rows. The program finds its ``(b, h)`` by binary
+search in ``tile_offsets``, gathers its Q rows (invalid rows get position ``Tq`` and are masked), and
+streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]`` (rows are sorted, so the
+tile's last row bounds the causal loop). The online softmax is the core's ``_fwd_inner`` with the gathered
+positions standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
+registers). Epilogue: ``O = acc / l * gate``, scattered back to ``[B, T, H]`` (inactive rows are never
+written; the output starts zeroed); the log-sum-exp is stored at the original positions ``[B, H, T]``.
+
+Backward (deterministic, no atomics):
+* ``delta = rowsum(dO * O)`` equals ``rowsum(dO_u * O_u)`` with ``dO_u = gate * dO``, ``O_u = O / gate``;
+  ``dgate = delta / gate`` on active pairs (``rowsum(dO * O_unscaled)``), 0 elsewhere.
+* dQ: the forward's packed tiles again; gathered Q, ``gate * dO``, lse, delta in registers; key tiles
+  stream through the core's ``_bwd_q_inner``; dQ scattered to the active rows (inactive rows stay 0).
+* dK/dV: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in registers;
+  loops over the query heads of the group and, for each, only over its packed active-row tiles that can
+  see this key tile. Inactive rows never enter: cost follows the active fraction.
+
+This module imports triton: import it lazily (``attnzoo.ops.moh.triton_backend`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from attnzoo.ops.attention import triton_bwd as CB
+from attnzoo.ops.attention import triton_fwd as CF
+from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
+from attnzoo.ops.attention.triton_fwd import _fwd_inner, _visible
+from attnzoo.ops.moh.packing import pack_active_rows
+
+_NO_SPEC = ["H", "G", "Tq", "Tk", "D", "DV", "win_left", "win_right", "BH", "T_rows"]
+
+
+@triton.jit
+def _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(bh, positions [BLOCK_M], valid [BLOCK_M], total tiles) of flattened tile ``pid``."""
+    lo = pid * 0
+    hi = lo + BH - 1
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        take = tl.load(TileOff + mid) <= pid
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    bh = lo
+    tile = pid - tl.load(TileOff + bh)
+    idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = idx < tl.load(Counts + bh)
+    pos = tl.load(Rows + bh.to(tl.int64) * T_rows + idx, mask=valid, other=0)
+    pos = tl.where(valid, pos, Tq)
+    return bh, pos, valid
+
+
+@triton.jit
+def _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    diag = Tk - Tq
+    lo = Tk * 0
+    hi = Tk
+    if HAS_LEFT:
+        lo = tl.maximum(tl.min(tl.where(valid, pos, Tq), 0) + diag - win_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.max(tl.where(valid, pos, 0), 0) + 1 + diag + win_right, Tk)
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _moh_fwd_kernel(
+    Q, K, V, O, LSE, Gates, KPM, Rows, Counts, TileOff,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    slb, slh, slt, sgb, sgt, sgh, skpb, skpn,
+    BH, H, G, Tq, Tk, D, DV, T_rows, scale_log2, win_left, win_right,
+    HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid >= tl.load(TileOff + BH):
+        return
+    bh, pos, valid = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = pos.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b64 * skb + (h // G) * skh
+    v_base = V + b64 * svb + (h // G) * svh
+    kpm_base = KPM + b64 * skpb
+    diag = Tk - Tq
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
+    o = acc / l_safe[:, None] * gate[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b64 * sob + h * soh + rows[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + b64 * slb + h * slh + rows * slt, lse, mask=valid)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _moh_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, Gates, KPM, Rows, Counts, TileOff,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
+    slb, slh, slt, sdqb, sdqt, sdqh, sdqd, sgb, sgt, sgh, skpb, skpn,
+    BH, H, G, Tq, Tk, D, DV, T_rows, scale_log2, scale, win_left, win_right,
+    HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid >= tl.load(TileOff + BH):
+        return
+    bh, pos, valid = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = pos.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * sdob + h * sdoh + rows[:, None] * sdot + offs_dv[None, :] * sdod,
+                 mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)  # gradient of the unscaled output
+    lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
+    delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    k_base = K + b64 * skb + (h // G) * skh
+    v_base = V + b64 * svb + (h // G) * svh
+    kpm_base = KPM + b64 * skpb
+    diag = Tk - Tq
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, K, 0, 0, scale_log2,
+            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV)
+    dq = dq * scale
+    tl.store(DQ + b64 * sdqb + h * sdqh + rows[:, None] * sdqt + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _moh_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Counts,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
+    slb, slh, slt, sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sgb, sgt, sgh, skpb, skpn,
+    H, G, Tq, Tk, D, DV, T_rows, scale_log2, scale, win_left, win_right,
+    HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    Hkv = H // G
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    start_n = pid_n * BLOCK_N
+    b64 = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows_k = offs_n.to(tl.int64)
+    col_ok = offs_n < Tk
+    k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    diag = Tk - Tq
+    kpm_base = KPM + b64 * skpb
+    kj = offs_n[:, None]
+    for g in range(0, G):
+        h = hkv * G + g
+        bh = b64 * H + h
+        count = tl.load(Counts + bh)
+        for start_m in range(0, count, BLOCK_M):
+            idx = start_m + tl.arange(0, BLOCK_M)
+            valid = idx < count
+            pos = tl.load(Rows + bh * T_rows + idx, mask=valid, other=0)
+            first = tl.min(tl.where(valid, pos, Tq), 0)
+            last = tl.max(tl.where(valid, pos, 0), 0)
+            # does any row of this tile reach this key tile through the causal/window band?
+            reach = True
+            if HAS_RIGHT:
+                reach = reach & (last + diag + win_right >= start_n)
+            if HAS_LEFT:
+                reach = reach & (first + diag - win_left < start_n + BLOCK_N)
+            if reach:
+                pos = tl.where(valid, pos, Tq)
+                rows = pos.to(tl.int64)
+                q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
+                            mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+                gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
+                do = tl.load(DO + b64 * sdob + h * sdoh + rows[:, None] * sdot + offs_dv[None, :] * sdod,
+                             mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
+                lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
+                delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
+                st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
+                keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
+                                K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False)
+                lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+                pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    dk = dk * scale
+    tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DVo + b64 * sdvb + hkv * sdvh + rows_k[:, None] * sdvt + offs_dv[None, :] * sdvd,
+             dv.to(DVo.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch
+
+
+def _tiles(D: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): one small fixed tile under the interpreter."""
+    if CF.interpreter():
+        return CF.INTERP_BLOCK, CF.INTERP_BLOCK, 1, 1
+    if D <= 64:
+        return 64, 64, 4, 3
+    if D <= 128:
+        return 64, 64, 4, 2
+    return 32, 32, 4, 2
+
+
+def _window(causal: bool, window_left: int, window_right: int):
+    right = 0 if causal else window_right
+    return dict(win_left=max(window_left, 0), win_right=max(right, 0),
+                HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0)
+
+
+def _kpm_args(kpm: Optional[torch.Tensor], dummy: torch.Tensor):
+    if kpm is None:
+        return dict(KPM=dummy, skpb=0, skpn=0, HAS_KPM=False)
+    kpm = CF._as_u8(kpm)
+    return dict(KPM=kpm, skpb=kpm.stride(0), skpn=kpm.stride(1), HAS_KPM=True)
+
+
+def _s(t):
+    return tuple(t.stride())
+
+
+def _problem(q, k, v, gates, kpm, scale, causal, window_left, window_right):
+    """Kernel arguments shared by the three kernels (sizes, strides, flags)."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv, DV = k.shape[1], k.shape[2], v.shape[-1]
+    a = dict(Q=q, K=k, V=v, Gates=gates, H=H, G=H // Hkv, Tq=Tq, Tk=Tk, D=D, DV=DV, T_rows=Tq,
+             scale_log2=scale * CF.LOG2E, DOT_PREC=CF.dot_precision(q.dtype),
+             BLOCK_D=CF.head_block(D), BLOCK_DV=CF.head_block(DV))
+    a["sqb"], a["sqt"], a["sqh"], a["sqd"] = q.stride()
+    a["skb"], a["skt"], a["skh"], a["skd"] = k.stride()
+    a["svb"], a["svt"], a["svh"], a["svd"] = v.stride()
+    a["sgb"], a["sgt"], a["sgh"] = gates.stride()
+    a.update(_window(causal, window_left, window_right))
+    a.update(_kpm_args(kpm, q))
+    return a
+
+
+def _named(prefix: str, t: torch.Tensor) -> dict:
+    """``{prefix + "b": stride0, ...}`` for a 4-D BTHD tensor or a 3-D [B, H, T] one."""
+    names = "bthd" if t.dim() == 4 else "bht"
+    return {f"{prefix}{n}": st for n, st in zip(names, t.stride())}
+
+
+@torch.library.custom_op("attnzoo::moh_attention_fwd", mutates_args=())
+def moh_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+    scale: float, causal: bool, window_left: int, window_right: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``o [B, T, H, Dv]`` (zero on inactive rows), ``lse [B, H, T]`` (written on active rows only)
+    and the packing (``rows [B, H, T]``, ``counts [B*H]``, ``tile_offsets [B*H+1]``) the backward reuses."""
+    B, Tq, H, D = q.shape
+    bm, bn, warps, stages = _tiles(max(D, v.shape[-1]))
+    packed = pack_active_rows(gates, bm)
+    if CF.fill_nan():  # test mode: active rows the kernel fails to write stay NaN
+        o = torch.full((B, Tq, H, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
+        o.masked_fill_((gates == 0)[..., None], 0.0)
+        lse = torch.full((B, H, Tq), float("nan"), dtype=torch.float32, device=q.device)
+    else:
+        o = torch.zeros(B, Tq, H, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    if packed.max_tiles == 0 or k.shape[1] == 0:
+        return o, lse, packed.rows, packed.counts, packed.tile_offsets
+    a = _problem(q, k, v, gates, key_padding_mask, scale, causal, window_left, window_right)
+    a.update(O=o, LSE=lse, Rows=packed.rows, Counts=packed.counts, TileOff=packed.tile_offsets, BH=B * H,
+             SEARCH_STEPS=math.ceil(math.log2(max(B * H, 2))) + 1, BLOCK_M=bm, BLOCK_N=bn)
+    a.update(_named("so", o))
+    a["slb"], a["slh"], a["slt"] = lse.stride()
+    _moh_fwd_kernel[(packed.max_tiles,)](**a, num_warps=warps, num_stages=stages)
+    return o, lse, packed.rows, packed.counts, packed.tile_offsets
+
+
+@moh_attention_fwd.register_fake
+def _moh_attention_fwd_fake(q, k, v, gates, key_padding_mask, scale, causal, window_left, window_right):
+    B, Tq, H, _ = q.shape
+    o = q.new_empty(B, Tq, H, v.shape[-1])
+    lse = q.new_empty(B, H, Tq, dtype=torch.float32)
+    rows = q.new_empty(B, H, Tq, dtype=torch.int32)
+    counts = q.new_empty(B * H, dtype=torch.int32)
+    offs = q.new_empty(B * H + 1, dtype=torch.int32)
+    return o, lse, rows, counts, offs
+
+
+@torch.library.custom_op("attnzoo::moh_attention_bwd", mutates_args=())
+def moh_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, o: torch.Tensor,
+    lse: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, tile_offsets: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dgates)``; dK/dV summed over each GQA group; inactive pairs contribute nothing."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    bm, bn, warps, stages = _tiles(max(D, v.shape[-1]))
+    do = do.contiguous()
+    rowdot = (do.float() * o.float()).sum(-1)  # [B, T, H] = rowsum(dO_u * O_u) on active rows, 0 elsewhere
+    active = gates != 0
+    dgates = torch.where(active, rowdot / torch.where(active, gates.float(), 1.0), 0.0).to(gates.dtype)
+    delta = rowdot.transpose(1, 2).contiguous()  # [B, H, T]
+    dq = torch.zeros_like(q)
+    if CF.fill_nan():
+        dq.masked_fill_((gates != 0)[..., None], float("nan"))  # active rows must be written
+    dk = CF.new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = CF.new_output(v.shape, dtype=v.dtype, device=v.device)
+    if Tk == 0 or q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_(), dgates
+    a = _problem(q, k, v, gates, key_padding_mask, scale, causal, window_left, window_right)
+    a.update(DO=do, LSE=lse, DELTA=delta, Rows=rows, Counts=counts, scale=scale, BLOCK_M=bm, BLOCK_N=bn)
+    a.update(_named("sdo", do))
+    a["slb"], a["slh"], a["slt"] = lse.stride()
+    n_tiles = B * H * triton.cdiv(Tq, bm)
+    _moh_bwd_dq_kernel[(n_tiles,)](
+        **a, DQ=dq, TileOff=tile_offsets, BH=B * H, SEARCH_STEPS=math.ceil(math.log2(max(B * H, 2))) + 1,
+        **_named("sdq", dq), num_warps=warps, num_stages=stages)
+    _moh_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
+        **a, DK=dk, DVo=dv, **_named("sdk", dk), **_named("sdv", dv), num_warps=warps, num_stages=stages)
+    return dq, dk, dv, dgates
+
+
+@moh_attention_bwd.register_fake
+def _moh_attention_bwd_fake(do, q, k, v, gates, o, lse, rows, counts, tile_offsets, key_padding_mask, scale, causal,
+                            window_left, window_right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gates)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gates, kpm, scale, causal, wl, wr = inputs
+    o, lse, rows, counts, offs = output
+    ctx.save_for_backward(q, k, v, gates, o, lse, rows, counts, offs, kpm)
+    ctx.params = (scale, causal, wl, wr)
+
+
+def _backward(ctx, do, dlse, drows, dcounts, doffs):
+    q, k, v, gates, o, lse, rows, counts, offs, kpm = ctx.saved_tensors
+    dq, dk, dv, dgates = moh_attention_bwd(do, q, k, v, gates, o, lse, rows, counts, offs, kpm, *ctx.params)
+    return dq, dk, dv, dgates, None, None, None, None, None
+
+
+moh_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
