@@ -11,6 +11,7 @@ from attnzoo import backends
 from attnzoo.errors import BackendUnavailableError, InputError
 from attnzoo.ops.attention.api import attention, attention_with_kvcache
 from attnzoo.ops.dma.api import dynamic_mask_attention
+from attnzoo.ops.knocking.api import kha_mlp
 from attnzoo.ops.masks import block_mask as masks
 from attnzoo.ops.masks.block_mask import BlockMask
 from attnzoo.ops.moh.api import moh_attention

@@ -182,7 +182,7 @@ class SoftmaxAttentionBase(nn.Module):
             for w, b, heads in (self.projection_weights(n, knock_weights) for n in ("q", "k", "v"))
         )
         if self.knocking is not None:
-            q, k, v = self.knocking(q, k, v, linear=not knock_weights)
+            q, k, v = self.knocking(q, k, v, linear=not knock_weights, backend=self.backend)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:

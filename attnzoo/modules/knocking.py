@@ -9,6 +9,7 @@ from torch import nn
 
 from attnzoo.errors import InputError
 from attnzoo.ops.knocking import reference as R
+from attnzoo.ops.knocking.api import kha_mlp
 
 KNOCKING_FORMS = ("linear", "mlp")
 
@@ -42,16 +43,17 @@ class KnockingHeads(nn.Module):
         mats = {"q": self.t_q, "k": self.t_k, "v": self.t_v if self.form == "linear" else None}
         return {name: t for name, t in mats.items() if t is not None}
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, linear: bool = True):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, linear: bool = True, backend: str = "auto"):
         """``q [B, T, H, D]``, ``k [B, T, Hkv, D]``, ``v [B, T, Hkv, D]`` -> the knocked tensors.
-        ``linear=False`` skips the linear matrices (the caller folded them into the projection weights)."""
+        ``linear=False`` skips the linear matrices (the caller folded them into the projection weights);
+        ``backend`` picks the KHA-MLP op's backend (a fused Triton kernel on CUDA)."""
         if linear:
             mats = self.linear_matrices()
             q = R.kha_linear(q, mats["q"]) if "q" in mats else q
             k = R.kha_linear(k, mats["k"]) if "k" in mats else k
             v = R.kha_linear(v, mats["v"]) if "v" in mats else v
         if self.form == "mlp":
-            v = R.kha_mlp(v, self.w_up, self.w_gate, self.w_down)
+            v = kha_mlp(v, self.w_up, self.w_gate, self.w_down, backend=backend)
         return q, k, v
 
     def extra_repr(self) -> str:

@@ -1,0 +1,40 @@
+"""The "triton" backend of ``kha_mlp``: what it supports, and the glue to the custom ops
+``attnzoo::kha_mlp_fwd`` / ``attnzoo::kha_mlp_bwd`` (:mod:`attnzoo.ops.knocking.triton_mlp`).
+
+Imported at package import time: it must not import triton nor the kernel module at module level; the
+kernels are imported on first use (``_kernels()``), so ``import attnzoo`` works without triton or a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from attnzoo import backends
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels():
+    """Import the kernel module (defines the custom ops and registers their autograd)."""
+    from attnzoo.ops.knocking import triton_mlp
+
+    return triton_mlp
+
+
+def supports_kha_mlp(v, w_up, w_gate, w_down, **_) -> List[str]:
+    reasons = list(backends.triton_device_reasons(v.device))
+    if v.dtype not in KERNEL_DTYPES:
+        reasons.append(f"v dtype {v.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
+    if v.dtype == torch.bfloat16 and v.device.type == "cpu":
+        reasons.append("bfloat16 tl.dot is wrong under the Triton CPU interpreter; run bfloat16 on a GPU")
+    return reasons
+
+
+@backends.register("kha_mlp", "triton", priority=10, supports=supports_kha_mlp)
+def kha_mlp_triton(v, w_up, w_gate, w_down):
+    """Weights are cast to v's dtype (differentiably, so fp32 master weights get fp32 gradients)."""
+    _kernels()
+    dt = v.dtype
+    return torch.ops.attnzoo.kha_mlp_fwd(v, w_up.to(dt), w_gate.to(dt), w_down.to(dt))
