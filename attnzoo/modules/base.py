@@ -169,7 +169,8 @@ class SoftmaxAttentionBase(nn.Module):
         return w, b, heads
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """``x [B, T, dim]`` -> ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` after knocking, QK-norm, RoPE.
+        """``x [B, T, dim]`` -> ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` after knocking, QK-norm, RoPE,
+        and ``q_raw``, the queries before QK-norm and RoPE (what MoH's qnorm router scores).
 
         KHA-Linear is applied to the projection weights when that is cheaper -- more tokens in the call
         than the model dim (``D x D x dim`` per head instead of ``D x D`` per token and head) -- and to
@@ -183,11 +184,12 @@ class SoftmaxAttentionBase(nn.Module):
         )
         if self.knocking is not None:
             q, k, v = self.knocking(q, k, v, linear=not knock_weights, backend=self.backend)
+        q_raw = q
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
-        return q, k, v
+        return q, k, v, q_raw
 
     # -- the call -----------------------------------------------------------------------------------
     def new_cache(self, batch_size: int) -> KVCache:
@@ -209,21 +211,22 @@ class SoftmaxAttentionBase(nn.Module):
         """
         check_call(x, self.dim, key_padding_mask, position_ids, cache)
         B, T, _ = x.shape
-        q, k, v = self.project(x, positions_for(x, position_ids, cache))
+        q, k, v, q_raw = self.project(x, positions_for(x, position_ids, cache))
         extras = self._key_extras(x, k, v)
         query_mask = key_padding_mask
         if cache is not None:
             k, v, key_padding_mask, extras = cache.update(k, v, key_padding_mask, **extras)
-        o = self._attend(x, q, k, v, key_padding_mask, extras, query_mask)
+        o = self._attend(x, q, k, v, key_padding_mask, extras, query_mask, q_raw)
         return self.o_proj(o.reshape(B, T, self.num_heads * o.shape[-1]))
 
     def _key_extras(self, x, k, v) -> dict:
         """Per-key tensors ``[B, T, ...]`` a variant keeps in the cache beside K and V (none here)."""
         return {}
 
-    def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask) -> torch.Tensor:
+    def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask, q_raw) -> torch.Tensor:
         """The variant's core: ``q [B, T, H, D]`` against every key ``k, v [B, Tk, Hkv, D]`` (cached ones
-        too); ``key_padding_mask [B, Tk]`` covers all keys, ``query_mask [B, T]`` the new tokens."""
+        too); ``key_padding_mask [B, Tk]`` covers all keys, ``query_mask [B, T]`` the new tokens,
+        ``q_raw`` the queries before QK-norm and RoPE."""
         return attention(
             q, k, v, causal=self.causal, scale=self.scale, window=self.window,
             key_padding_mask=key_padding_mask, backend=self.backend,

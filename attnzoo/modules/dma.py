@@ -59,7 +59,7 @@ class DynamicMaskAttention(SoftmaxAttentionBase):
         dt = self.dt_proj(v.reshape(*v.shape[:2], -1))  # [B, T, Hkv]
         return {"dma_bias": dma_bias(dt, self.A, self.bias_form)}  # [B, T, Hkv], cached beside K and V
 
-    def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask):
+    def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask, q_raw):
         bias = extras["dma_bias"].transpose(1, 2)  # [B, Hkv, Tk]
         return dynamic_mask_attention(
             q, k, v, bias, keep_window=self.keep_window, causal=self.causal, scale=self.scale,

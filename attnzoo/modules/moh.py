@@ -81,7 +81,8 @@ class MoHAttention(SoftmaxAttentionBase):
         self.last_gates: Optional[torch.Tensor] = None
 
     def route(self, x: torch.Tensor, q: torch.Tensor, key_padding_mask=None):
-        """Gates ``[B, T, H]`` for the block input ``x`` (learned) or the queries ``q`` (qnorm)."""
+        """Gates ``[B, T, H]`` for the block input ``x`` (learned) or the queries ``q`` before QK-norm and
+        RoPE (qnorm)."""
         if self.router == "learned":
             out = learned_router(x, self.router_routed, self.router_shared, self.router_mix, self.top_k, self.normalize)
         else:
@@ -93,9 +94,9 @@ class MoHAttention(SoftmaxAttentionBase):
         )
         return out.gates
 
-    def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask):
-        # the qnorm router scores the queries after RoPE, which keeps their norms
-        gates = self.route(x, q, query_mask)
+    def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask, q_raw):
+        # the qnorm router scores the queries before QK-norm (which would equalise their norms) and RoPE
+        gates = self.route(x, q_raw, query_mask)
         self.last_gates = gates.detach()
         return moh_attention(
             q, k, v, gates, causal=self.causal, scale=self.scale, window=self.window,

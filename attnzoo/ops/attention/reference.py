@@ -201,7 +201,12 @@ def attention_with_kvcache_reference(
     B, Tn, H, _ = q.shape
     Tmax = k_cache.shape[1]
     lens = cache_seqlens.to(q.device).long()
-    keep = (torch.arange(Tmax, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+    valid = torch.arange(Tmax, device=q.device)[None, :] < lens[:, None]  # [B, Tmax]
+    # slots past cache_seqlens are never read: zero them so garbage there (e.g. NaN in a torch.empty
+    # buffer) cannot leak through 0 * NaN in P @ V
+    k_cache = k_cache.masked_fill(~valid[:, :, None, None], 0)
+    v_cache = v_cache.masked_fill(~valid[:, :, None, None], 0)
+    keep = valid[:, None, None, :]
     diag = diagonal_mask(Tn, Tmax, causal=causal, window=window, offset=lens - Tn, device=q.device)
     if diag is not None:
         keep = keep & diag
