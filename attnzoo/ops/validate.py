@@ -61,9 +61,9 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
     """
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
         got = shape_str(cu) if isinstance(cu, torch.Tensor) else type(cu).__name__
-        raise InputError(f"{name}: expected a 1-D int32 tensor of length n_seqs + 1 >= 2, got {got}")
+        raise InputError(f"{name}: expected a 1-D integer tensor (int32) of length n_seqs + 1 >= 2, got {got}")
     if cu.dtype not in (torch.int32, torch.int64):
-        raise InputError(f"{name}: dtype {cu.dtype} is not supported; expected torch.int32")
+        raise InputError(f"{name}: dtype {cu.dtype} is not supported; expected torch.int32 (or int64)")
     if cu.device != device:
         raise InputError(f"{name}: is on {cu.device} but the inputs are on {device}")
     vals = cu.tolist()
