@@ -14,6 +14,7 @@ from attnzoo.ops.dma.api import dynamic_mask_attention
 from attnzoo.ops.knocking.api import kha_mlp
 from attnzoo.ops.masks import block_mask as masks
 from attnzoo.ops.masks.block_mask import BlockMask
+from attnzoo.ops.masks.flex import from_flex, to_flex
 from attnzoo.ops.moh.api import moh_attention
 from attnzoo.modules.base import MultiHeadAttention
 from attnzoo.modules.cache import KVCache

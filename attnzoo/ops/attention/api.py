@@ -80,7 +80,7 @@ def validate_attention(
             )
     if block_mask is not None:
         if not isinstance(block_mask, BlockMask):
-            raise InputError(f"block_mask: expected attnzoo BlockMask, got {type(block_mask).__name__} (see attnzoo.masks.from_flex)")
+            raise InputError(f"block_mask: expected attnzoo BlockMask, got {type(block_mask).__name__} (convert a FlexAttention BlockMask with attnzoo.from_flex)")
         if tuple(block_mask.seq_lengths) != (Tq, Tk):
             raise InputError(f"block_mask: built for (Tq, Tk) = {tuple(block_mask.seq_lengths)}, inputs have ({Tq}, {Tk})")
         bb, bh, mq = block_mask.kv_num_blocks.shape

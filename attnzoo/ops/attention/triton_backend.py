@@ -63,6 +63,8 @@ def supports_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, **_
             f"q has {q.shape[1]} new queries; the Triton decode kernel serves 1..{MAX_DECODE_QUERIES} "
             "(use attention() with causal=True for a prefill)"
         )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        reasons.append("the Triton decode kernel is inference-only (no backward); inputs require grad")
     return reasons
 
 

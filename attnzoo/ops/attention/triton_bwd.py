@@ -65,7 +65,7 @@ def _bwd_kv_inner(dk, dv, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_rig
     keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
                     em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    pt = tl.where(keep, tl.math.exp2(st - lse2[None, :]), 0.0)
+    pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dst = pt * (dpt - delta[None, :])
@@ -132,6 +132,7 @@ def _attn_bwd_dkdv_kernel(
         mask_base = Mask + b64 * smb + (h // mask_hdiv) * smh
         em_base = EM + b64 * seb + h * seh
         if SPARSE:
+            tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0, "kernel tiles must divide BlockMask blocks")
             row = (b64 * H + h) * Mq_bm + start_n // BM_BK
             if HAS_FULL:
                 n_full = tl.load(FullNum + row)
@@ -201,7 +202,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left
         s += bv.to(tl.float32) * 1.4426950408889634
     keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
                     em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
-    p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+    p = tl.math.exp2(tl.where(keep, s - lse2[:, None], float("-inf")))
     dp = tl.dot(do, vt, input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     if STORE_DS:
@@ -264,6 +265,7 @@ def _attn_bwd_dq_kernel(
         hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Tq) + diag + win_right, Tk)
 
     if SPARSE:
+        tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0, "kernel tiles must divide BlockMask blocks")
         row = (b64 * H + h) * Mq_bm + start_m // BM_BQ
         if HAS_FULL:
             n_full = tl.load(FullNum + row)

@@ -31,7 +31,7 @@ This module imports triton: import it lazily (``attnzoo.ops.attention.triton_bac
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -208,6 +208,7 @@ def _attn_fwd_kernel(
         hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Tq) + diag + win_right, Tk)
 
     if SPARSE:
+        tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0, "kernel tiles must divide BlockMask blocks")
         row = (b64 * H + h) * Mq_bm + start_m // BM_BQ
         if HAS_FULL:
             n_full = tl.load(FullNum + row)
@@ -266,6 +267,7 @@ MIN_BLOCK = 16  # smallest tile a kernel uses; BlockMask block sizes must be mul
 
 def prune_for_block_mask(configs, nargs, **kwargs):
     """Keep configs whose tiles divide the BlockMask's blocks (``BM_BQ``/``BM_BK``) and fit the head dim."""
+    nargs = {**(nargs or {}), **kwargs}  # launch arguments passed by keyword arrive in kwargs
     bq, bk = nargs.get("BM_BQ", 0), nargs.get("BM_BK", 0)
     sparse = nargs.get("SPARSE", False)
     bd = max(nargs.get("BLOCK_D", 16), nargs.get("BLOCK_DV", 16))
@@ -436,7 +438,7 @@ def _attention_fwd_fake(q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seq
     return o, lse
 
 
-def block_mask_tensors(block_mask, B: int, H: int, Tq: int, Tk: int, device) -> Tuple[List[Optional[torch.Tensor]], Tuple[int, int]]:
+def block_mask_tensors(block_mask, B: int, H: int, Tq: int, Tk: int, device):
     """Expand a BlockMask's lists to ``[B, H, ...]`` int32 contiguous and evaluate its mask_mod once into
     the partial blocks' element mask (broadcast over the dims the mask_mod ignores)."""
     from attnzoo.ops.masks.block_mask import _eval_mask_mod

@@ -1,0 +1,501 @@
+"""The Triton softmax-attention core (backend="triton") against the PyTorch reference (SPEC §0, §1, §2).
+
+Every comparison uses SPEC §0's accuracy rule (tests/accuracy.py): outputs, lse and every gradient
+(q, k, v, bias). Without a GPU the kernels run under the Triton interpreter: shapes are tiny, kernel tiles
+are 16 so tile boundaries are crossed, and bf16 is left to GPU runs (the interpreter's bf16 dot is wrong).
+Fresh output buffers are NaN-filled (ATTNZOO_FILL_NAN=1) so unwritten elements fail the rule.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["ATTNZOO_FILL_NAN"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import attnzoo  # noqa: E402
+from attnzoo import backends  # noqa: E402
+from attnzoo.errors import BackendUnavailableError  # noqa: E402
+from attnzoo.ops.attention.reference import attention_reference, attention_with_kvcache_reference  # noqa: E402
+from attnzoo.ops.masks import block_mask as bmm  # noqa: E402
+
+from accuracy import assert_close_by_rule, lowp_reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    bool(backends.triton_device_reasons(torch.device("cuda" if torch.cuda.is_available() else "cpu"))),
+    reason="Triton cannot run here",
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype=dtype, device=DEV)
+
+
+def check_attention(q, k, v, *, bias=None, grads=True, grad_floor=None, **kw):
+    """Run backend="triton" and the reference (fp64 and the kernel's dtype) and apply the accuracy rule to
+    o, lse and the gradients of q, k, v (and bias, if it requires grad). Returns the kernel's results."""
+    leaves = {"q": q, "k": k, "v": v}
+    if bias is not None and bias.requires_grad:
+        leaves["bias"] = bias
+    o_shape = q.shape[:-1] + (v.shape[-1],)
+    do = torch.randn(o_shape, device=DEV)
+    dl = None
+
+    def run(fn, cast):
+        nonlocal dl
+        ins = {n: cast(t).detach().requires_grad_(grads) for n, t in leaves.items()}
+        kw2 = dict(kw)
+        if bias is not None:
+            kw2["bias"] = ins.get("bias", cast(bias))
+        o, lse = fn(ins["q"], ins["k"], ins["v"], return_lse=True, **kw2)
+        out = {"o": o, "lse": lse}
+        if grads:
+            if dl is None:
+                dl = torch.randn(lse.shape, device=DEV)
+            lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+            gs = torch.autograd.grad([o, lse_f], list(ins.values()), [do.to(o.dtype), dl.to(lse.dtype)])
+            out.update({"d" + n: g for n, g in zip(ins, gs)})
+        return out
+
+    dtype = q.dtype
+    got = run(lambda *a, **k2: attnzoo.attention(*a, backend="triton", **k2), lambda t: t)
+    ref = run(attention_reference, lambda t: t.double())
+    with lowp_reference():
+        low = run(attention_reference, lambda t: t.to(dtype) if t.is_floating_point() else t)
+    for name in got:
+        floor = grad_floor(ref[name]) if (grad_floor is not None and name.startswith("d")) else None
+        assert_close_by_rule(got[name], ref[name], low[name], name, dtype=dtype, floor=floor)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------------
+# Property tests over the feature matrix
+
+
+@st.composite
+def heads(draw):
+    hkv = draw(st.sampled_from([1, 2]))
+    return hkv * draw(st.sampled_from([1, 2])), hkv
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(
+    b=st.integers(1, 2), tq=st.integers(1, 40), tk=st.integers(1, 40), hh=heads(),
+    d=st.sampled_from([8, 32, 64, 96]), dtype=st.sampled_from(DTYPES), causal=st.booleans(),
+    left=st.sampled_from([-1, -1, 0, 5, 17]), right=st.sampled_from([-1, -1, 0, 3, 20]),
+    kpm=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_core_matrix(b, tq, tk, hh, d, dtype, causal, left, right, kpm, seed):
+    """GQA/MQA, causal (bottom-right), sliding window, key padding, any Tq/Tk, head dims."""
+    torch.manual_seed(seed)
+    H, Hkv = hh
+    q, k, v = _rand(b, tq, H, d, dtype=dtype), _rand(b, tk, Hkv, d, dtype=dtype), _rand(b, tk, Hkv, d, dtype=dtype)
+    kw = dict(causal=causal, window=(left, right))
+    if kpm:
+        kw["key_padding_mask"] = torch.rand(b, tk, device=DEV) > 0.3
+    check_attention(q, k, v, **kw)
+
+
+def _bias_shapes(B, H, Hkv, Tq, Tk):
+    return [(bb, bh, bq, Tk) for bb in (B, 1) for bh in sorted({H, Hkv, 1}) for bq in (Tq, 1)]
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(
+    b=st.integers(1, 2), tq=st.integers(1, 24), tk=st.integers(1, 40), hh=heads(), dtype=st.sampled_from(DTYPES),
+    form=st.integers(0, 11), use_bias=st.booleans(), use_mask=st.booleans(), causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bias_and_mask_broadcasts(b, tq, tk, hh, dtype, form, use_bias, use_mask, causal, seed):
+    """Additive bias (with dbias reduced to its own shape) and dense bool masks in every broadcast form."""
+    torch.manual_seed(seed)
+    H, Hkv = hh
+    shapes = _bias_shapes(b, H, Hkv, tq, tk)
+    shape = shapes[form % len(shapes)]
+    q, k, v = _rand(b, tq, H, 32, dtype=dtype), _rand(b, tk, Hkv, 32, dtype=dtype), _rand(b, tk, Hkv, 32, dtype=dtype)
+    kw = dict(causal=causal)
+    bias = None
+    if use_bias or not use_mask:
+        bias = _rand(*shape, dtype=dtype).requires_grad_()
+    if use_mask:
+        mshape = shapes[(form * 7 + 3) % len(shapes)]
+        kw["mask"] = torch.rand(mshape, device=DEV) > 0.25
+    check_attention(q, k, v, bias=bias, **kw)
+
+
+def _random_block_mask(B, H, Tq, Tk, bq, bk, with_mod):
+    mq, nk = -(-Tq // bq), -(-Tk // bk)
+    state = torch.randint(0, 3, (B, H, mq, nk), device=DEV)  # 0 none, 1 partial, 2 full
+    pc, pi = bmm._compress(state == 1)
+    fc, fi = bmm._compress(state == 2)
+    dense = torch.rand(B, H, Tq, Tk, device=DEV) > 0.3
+
+    def mod(b, h, qq, kk):  # evaluated with the full (B, H) of the inputs
+        return dense[b % B, h % H, qq, kk]
+
+    return bmm.BlockMask(pc, pi, fc, fi, (bq, bk), (Tq, Tk), mod if with_mod else None)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(
+    b=st.integers(1, 2), tq=st.integers(1, 40), tk=st.integers(1, 40), hh=heads(), dtype=st.sampled_from(DTYPES),
+    bq=st.sampled_from([16, 32]), bk=st.sampled_from([16, 32]), bm_b=st.booleans(), bm_h=st.booleans(),
+    with_mod=st.booleans(), causal=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_block_mask(b, tq, tk, hh, dtype, bq, bk, bm_b, bm_h, with_mod, causal, seed):
+    """Block sparsity: partial blocks (element mask from mask_mod), full blocks, unlisted blocks skipped."""
+    torch.manual_seed(seed)
+    H, Hkv = hh
+    bm = _random_block_mask(b if bm_b else 1, H if bm_h else 1, tq, tk, bq, bk, with_mod)
+    q = _rand(b, tq, H, 32, dtype=dtype)
+    k, v = _rand(b, tk, Hkv, 32, dtype=dtype), _rand(b, tk, Hkv, 32, dtype=dtype)
+    check_attention(q, k, v, block_mask=bm, causal=causal)
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(
+    lens=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=3), hh=heads(),
+    dtype=st.sampled_from(DTYPES), causal=st.booleans(), left=st.sampled_from([-1, 4]), seed=st.integers(0, 2**16),
+)
+def test_varlen(lens, hh, dtype, causal, left, seed):
+    torch.manual_seed(seed)
+    H, Hkv = hh
+    cu_q = torch.tensor([0] + [sum(a for a, _ in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + [sum(c for _, c in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEV)
+    nq, nk = int(cu_q[-1]), int(cu_k[-1])
+    q, k, v = _rand(nq, H, 32, dtype=dtype), _rand(nk, Hkv, 32, dtype=dtype), _rand(nk, Hkv, 32, dtype=dtype)
+    got = check_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, window=(left, -1))
+    assert got["lse"].shape == (H, nq)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edge cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_token(dtype):
+    q, k, v = _rand(1, 1, 2, 16, dtype=dtype), _rand(1, 1, 1, 16, dtype=dtype), _rand(1, 1, 1, 16, dtype=dtype)
+    check_attention(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("tq,tk", [(40, 7), (5, 37), (17, 17)])
+def test_tq_ne_tk_causal_fully_masked_rows(tq, tk):
+    """With Tq > Tk bottom-right causal leaves the first rows with no key: o = 0, lse = -inf, zero grads."""
+    torch.manual_seed(0)
+    q = _rand(2, tq, 4, 32, dtype=torch.float32)
+    k, v = _rand(2, tk, 2, 32, dtype=torch.float32), _rand(2, tk, 2, 32, dtype=torch.float32)
+    got = check_attention(q, k, v, causal=True)
+    dead = max(tq - tk, 0)
+    if dead:
+        assert (got["o"][:, :dead] == 0).all()
+        assert torch.isneginf(got["lse"][:, :, :dead]).all()
+        assert (got["dq"][:, :dead] == 0).all()
+
+
+def test_fully_masked_by_padding_and_mask():
+    torch.manual_seed(1)
+    B, T, H, D = 2, 24, 2, 32
+    q, k, v = (_rand(B, T, H, D, dtype=torch.float16) for _ in range(3))
+    kpm = torch.rand(B, T, device=DEV) > 0.5
+    kpm[1] = False  # batch 1 sees nothing
+    mask = torch.rand(1, 1, T, T, device=DEV) > 0.3
+    mask[..., 3, :] = False  # row 3 sees nothing in every batch
+    bias = _rand(B, H, T, T, dtype=torch.float16).requires_grad_()
+    got = check_attention(q, k, v, key_padding_mask=kpm, mask=mask, bias=bias)
+    assert (got["o"][1] == 0).all() and (got["o"][:, 3] == 0).all()
+    assert torch.isneginf(got["lse"][1]).all()
+    for name in ("dq", "dk", "dv", "dbias"):
+        assert torch.isfinite(got[name]).all()
+    assert (got["dq"][1] == 0).all() and (got["dk"][1] == 0).all() and (got["dbias"][1] == 0).all()
+
+
+def test_non_contiguous_inputs():
+    """Strides are honoured: q/k/v sliced out of a packed qkv tensor, and a BHTD tensor transposed to BTHD."""
+    torch.manual_seed(2)
+    B, T, H, D = 2, 33, 4, 32
+    qkv = _rand(B, T, 3, H, D + 8, dtype=torch.float16)
+    q, k = qkv[:, :, 0, :, :D], qkv[:, :, 1, :, 4 : D + 4]
+    v = _rand(B, 2 * H, T, D, dtype=torch.float16).transpose(1, 2)[:, :, ::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    bias = _rand(B, H, T, T, dtype=torch.float32).transpose(2, 3).requires_grad_()
+    check_attention(q, k, v, causal=True, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_logits(dtype):
+    """Scores of magnitude ~1e4 (fp16 inputs of ~1e2): the online softmax must not overflow."""
+    torch.manual_seed(3)
+    q, k = _rand(1, 20, 2, 32, dtype=dtype, scale=40.0), _rand(1, 37, 2, 32, dtype=dtype, scale=40.0)
+    v = _rand(1, 37, 2, 32, dtype=dtype)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())
+    assert logits.abs().max() > 5e3
+    # The backward recomputes S = Q K^T, which differs from the forward's S by ~eps * |S| (another
+    # summation order); with |S| ~ 1e4 that perturbs P relatively by that much -- inherent to every
+    # recomputing (flash) backward, and invisible to a reference that keeps P. The gradients' floor says so.
+    eps = torch.finfo(dtype).eps
+    s_max = logits.abs().max().item()
+    got = check_attention(q, k, v, scale=1.0, causal=True,
+                          grad_floor=lambda r: 4 * eps * s_max * r.abs().max().item())
+    assert torch.isfinite(got["o"]).all() and torch.isfinite(got["lse"]).all()
+
+
+@pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (96, 96), (40, 24), (128, 128)])
+def test_head_dims(d, dv):
+    torch.manual_seed(4)
+    q, k = _rand(1, 20, 2, d, dtype=torch.float16), _rand(1, 19, 1, d, dtype=torch.float16)
+    v = _rand(1, 19, 1, dv, dtype=torch.float16)
+    check_attention(q, k, v, window=(6, 2))
+
+
+def test_block_mask_builders_and_skipping():
+    """The library's builders (causal, sliding window, document, sink) as block masks; block size 32 with
+    kernel tile 16 exercises sub-tiling."""
+    torch.manual_seed(5)
+    B, T, H = 2, 40, 2
+    q, k, v = (_rand(B, T, H, 32, dtype=torch.float32) for _ in range(3))
+    docs = torch.tensor([[0] * 10 + [1] * 25 + [2] * 5, [0] * 40], device=DEV)
+    for bm in (
+        bmm.causal_block_mask(1, 1, T, T, block_size=(32, 16), device=DEV),
+        bmm.window_block_mask(1, 1, T, T, 6, 0, block_size=(16, 32), device=DEV),
+        bmm.document_block_mask(docs, H=1, block_size=(16, 16)),
+        bmm.sink_window_block_mask(1, 1, T, T, 2, 8, block_size=(16, 16), device=DEV),
+    ):
+        check_attention(q, k, v, block_mask=bm)
+
+
+def test_block_mask_never_loads_unlisted_blocks():
+    """K/V rows of unlisted key blocks are NaN: if any were loaded, NaN would reach the output."""
+    torch.manual_seed(6)
+    T = 48
+    q, k, v = (_rand(1, T, 1, 16, dtype=torch.float32) for _ in range(3))
+    listed = torch.zeros(1, 1, 3, 3, dtype=torch.bool, device=DEV)
+    listed[..., 0, 0] = listed[..., 1, 0] = listed[..., 2, 2] = True  # key block 1 never listed
+    c, i = bmm._compress(listed)
+    bm = bmm.BlockMask(c, i, None, None, (16, 16), (T, T), None)
+    k[:, 16:32] = float("nan")
+    v[:, 16:32] = float("nan")
+    o = attnzoo.attention(q, k, v, block_mask=bm, backend="triton")
+    assert torch.isfinite(o).all()
+    ref = attention_reference(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), block_mask=bm)
+    assert (o.double() - ref).abs().max() < 1e-5
+
+
+def test_backward_is_deterministic():
+    """No atomics: dK/dV are summed over the GQA group inside one program, so reruns are bit-identical."""
+    torch.manual_seed(7)
+    q = _rand(1, 33, 4, 32, dtype=torch.float16).requires_grad_()
+    k, v = (_rand(1, 33, 1, 32, dtype=torch.float16).requires_grad_() for _ in range(2))
+    do = torch.randn(1, 33, 4, 32, device=DEV, dtype=torch.float16)
+    outs = []
+    for _ in range(2):
+        o = attnzoo.attention(q, k, v, causal=True, backend="triton")
+        outs.append(torch.autograd.grad(o, (q, k, v), do))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the backend refuses, and tracing
+
+
+def test_supports_reasons():
+    q = torch.randn(1, 8, 2, 16, device=DEV, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        attnzoo.attention(q, q, q, backend="triton")
+    q = q.float()
+    bm = bmm.causal_block_mask(1, 1, 8, 8, block_size=(8, 8), device=DEV)
+    with pytest.raises(BackendUnavailableError, match="multiples of 16"):
+        attnzoo.attention(q, q, q, block_mask=bm, backend="triton")
+    if DEV == "cpu":
+        with pytest.raises(BackendUnavailableError, match="bfloat16"):
+            attnzoo.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), backend="triton")
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops (with fakes and registered autograd) trace without graph breaks."""
+    torch.manual_seed(8)
+    q, k, v = (_rand(1, 20, 2, 16, dtype=torch.float32).requires_grad_() for _ in range(3))
+    bias = _rand(1, 2, 20, 20, dtype=torch.float32).requires_grad_()
+
+    def f(q, k, v, bias):
+        return attnzoo.attention(q, k, v, causal=True, bias=bias, backend="triton").square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, bias)
+    grads = torch.autograd.grad(loss, (q, k, v, bias))
+    loss_e = f(q, k, v, bias)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v, bias))
+    assert torch.allclose(loss, loss_e)
+    for a, b in zip(grads, grads_e):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode against a KV cache (contiguous or paged), split-K
+
+
+def check_decode(q, k_cache, v_cache, lens, **kw):
+    got = attnzoo.attention_with_kvcache(q, k_cache, v_cache, lens, return_lse=True, backend="triton", **kw)
+    ref = attention_with_kvcache_reference(q.double(), k_cache.double(), v_cache.double(), lens, return_lse=True, **kw)
+    with lowp_reference():
+        low = attention_with_kvcache_reference(q, k_cache, v_cache, lens, return_lse=True, **kw)
+    for name, a, r, lo in zip(("o", "lse"), got, ref, low):
+        assert_close_by_rule(a, r, lo, name, dtype=q.dtype)
+    return got
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(
+    b=st.integers(1, 3), tn=st.sampled_from([1, 2, 5, 16]), hh=heads(), g4=st.booleans(),
+    d=st.sampled_from([16, 64, 96]), dtype=st.sampled_from(DTYPES), paged=st.sampled_from([None, 8, 16, 32]),
+    causal=st.booleans(), left=st.sampled_from([-1, -1, 0, 9]), right=st.sampled_from([-1, 0, 4]),
+    tmax=st.integers(16, 70), seed=st.integers(0, 2**16),
+)
+def test_decode_matrix(b, tn, hh, g4, d, dtype, paged, causal, left, right, tmax, seed):
+    torch.manual_seed(seed)
+    H, Hkv = hh
+    if g4:
+        H = 4 * Hkv  # larger GQA groups: all heads of a group share one read of each KV tile
+    tmax = max(tmax, tn)
+    q = _rand(b, tn, H, d, dtype=dtype)
+    kw = dict(causal=causal, window=(left, right))
+    if paged:
+        pages_per_seq = -(-tmax // paged)
+        n_pages = b * pages_per_seq + 3
+        k_cache, v_cache = _rand(n_pages, paged, Hkv, d, dtype=dtype), _rand(n_pages, paged, Hkv, d, dtype=dtype)
+        kw["block_table"] = torch.randperm(n_pages, device=DEV)[: b * pages_per_seq].view(b, -1).to(torch.int32)
+    else:
+        k_cache, v_cache = _rand(b, tmax, Hkv, d, dtype=dtype), _rand(b, tmax, Hkv, d, dtype=dtype)
+    lens = torch.randint(tn, tmax + 1, (b,), dtype=torch.int32, device=DEV)
+    check_decode(q, k_cache, v_cache, lens, **kw)
+
+
+def test_decode_non_contiguous_and_limits():
+    torch.manual_seed(9)
+    B, T, H, D = 2, 40, 4, 32
+    kv = _rand(B, T, 2, 2, D, dtype=torch.float16)
+    k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]  # interleaved K/V storage
+    q = _rand(B, 4, 2 * H, D, dtype=torch.float16)[:, :, ::2]
+    lens = torch.tensor([40, 4], dtype=torch.int32, device=DEV)
+    check_decode(q, k_cache, v_cache, lens)
+    qq = _rand(1, 17, 4, D, dtype=torch.float32)
+    kc = _rand(1, 40, 4, D, dtype=torch.float32)
+    with pytest.raises(BackendUnavailableError, match="1..16"):
+        attnzoo.attention_with_kvcache(qq, kc, kc, torch.tensor([30], dtype=torch.int32, device=DEV), backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------
+# FlexAttention BlockMask conversion
+
+
+def test_flex_block_mask_conversion():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from attnzoo.ops.masks.flex import from_flex, to_flex
+
+    torch.manual_seed(10)
+    B, H, T = 2, 2, 40
+    docs = torch.tensor([[0] * 12 + [1] * 28, [0] * 30 + [1] * 10], device=DEV)
+
+    def doc_causal(b, h, q, k):
+        return (docs[b, q] == docs[b, k]) & (k <= q)
+
+    fbm = flex.create_block_mask(doc_causal, B, 1, T, T, device=DEV, BLOCK_SIZE=16)
+    bm = from_flex(fbm)
+    assert bm.block_size == (16, 16) and bm.seq_lengths == (T, T)
+    q, k, v = (_rand(B, T, H, 32, dtype=torch.float32) for _ in range(3))
+    check_attention(q, k, v, block_mask=bm)
+    # and back: FlexAttention (eager) with the converted mask agrees with attnzoo's reference
+    back = to_flex(bm)
+    assert torch.equal(back.kv_num_blocks, fbm.kv_num_blocks) and torch.equal(back.full_kv_indices, fbm.full_kv_indices)
+    ours = bmm.sink_window_block_mask(1, 1, T, T, 2, 8, block_size=(16, 16), device=DEV)
+    o_flex = flex.flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=to_flex(ours))
+    o_ref = attention_reference(q, k, v, block_mask=ours)
+    assert (o_flex.transpose(1, 2) - o_ref).abs().max() < 1e-5
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the custom ops."""
+    from attnzoo.ops.attention import triton_backend as TB
+
+    TB._kernels(), TB._decode_kernels()
+    torch.manual_seed(11)
+    q = _rand(1, 17, 2, 16, dtype=torch.float32).requires_grad_()
+    k, v = (_rand(1, 17, 1, 16, dtype=torch.float32).requires_grad_() for _ in range(2))
+    bias = _rand(1, 1, 17, 17, dtype=torch.float32).requires_grad_()
+    args = (q, k, v, bias, None, None, None, None, None, None, None, None, None, 0.25, True, -1, -1, 17, 17, 0, 0)
+    torch.library.opcheck(torch.ops.attnzoo.attention_fwd.default, args)
+    qd, kc = _rand(1, 2, 2, 16, dtype=torch.float32), _rand(1, 20, 1, 16, dtype=torch.float32)
+    lens = torch.tensor([10], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.attnzoo.attention_decode.default, (qd, kc, kc, lens, None, 0.25, True, -1, -1))
+
+
+_CROSS_COMPILE = r'''
+import os, torch, triton
+from triton.backends.compiler import GPUTarget
+from attnzoo.ops.attention import triton_fwd as F, triton_bwd as BW, triton_decode as TD
+from attnzoo.ops.masks import block_mask as bmm
+
+captured = []
+class Cap:
+    def __init__(self, kernel): self.kernel = kernel
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            kw = dict(kw, **dict(zip(self.kernel.arg_names, args)))
+            captured.append((self.kernel, kw))
+        return launch
+F.launcher = lambda name, kernel, configs: (Cap(kernel), {"BLOCK_M": 64, "BLOCK_N": 32})
+TD._decode_kernel, TD._decode_merge_kernel = Cap(TD._decode_kernel), Cap(TD._decode_merge_kernel)
+T = 64
+q = torch.randn(1, T, 2, 64, dtype=torch.float16); k = torch.randn(1, T, 1, 64, dtype=torch.float16)
+bias = torch.randn(1, 1, T, T, dtype=torch.float16)
+mask = torch.ones(1, 1, 1, T, dtype=torch.bool)
+bm = bmm.causal_block_mask(1, 1, T, T, block_size=(64, 64))
+(kvn, kvi, fn, fi, em), (bq, bk) = F.block_mask_tensors(bm, 1, 2, T, T, "cpu")
+o, lse = F.attention_fwd(q, k, k, bias, mask, mask[0, 0], em, None, None, kvn, kvi, fn, fi, 0.1, True, 8, -1, T, T, bq, bk)
+BW.attention_bwd(o, q, k, k, o, lse.zero_(), None, bias, mask, mask[0, 0], em, None, None, kvn, kvi, fn, fi,
+                 0.1, True, 8, -1, T, T, bq, bk, True)
+bt = torch.zeros(1, 4, dtype=torch.int32)
+TD.attention_decode(q[:, :2], k, k, torch.tensor([40], dtype=torch.int32), bt, 0.1, True, 8, -1)
+TY = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.uint8: "*u8"}
+for kernel, kw in captured:
+    sig, cst = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        val = kw[name]
+        if kernel.params[i].is_constexpr:
+            sig[name] = "constexpr"; cst[name] = val
+        elif isinstance(val, torch.Tensor):
+            sig[name] = TY[val.dtype]
+        elif isinstance(val, bool):
+            sig[name] = "i1"
+        elif isinstance(val, int):
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp32"
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=cst)
+    triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4, "num_stages": 2})
+    print("compiled", kernel.__name__)
+'''
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="on a GPU the other tests compile the kernels for real")
+def test_kernels_compile_for_gpu():
+    """The interpreter does not run Triton's GPU code generation: cross-compile every kernel (block mask,
+    bias, masks, window, paged decode) for sm_80 down to a cubin, in a subprocess without the interpreter."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", _CROSS_COMPILE], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.count("compiled") == 5, res.stdout
