@@ -165,7 +165,7 @@ class Row:
 def run_checks(dtypes=None, device=None, progress=True) -> List[Row]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
-        dtypes = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+        dtypes = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.float16]
     cases = all_cases()
     rows: List[Row] = []
     total = len(cases) * len(dtypes)

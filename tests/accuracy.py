@@ -2,8 +2,9 @@
 
 A kernel's max error against an fp64 reference must be at most ``2x`` the max error of the *same
 reference evaluated in the kernel's own low precision*, plus a small absolute floor (the project's
-table in ``attnzoo.testing``). Never "95% close". Same rule as ``attnzoo.testing.assert_accuracy``, plus
-the checks below and a context manager that builds the low-precision reference.
+table in ``attnzoo.testing``). Never "95% close". The rule itself is ``attnzoo.testing.assert_accuracy``;
+this file adds the kernel tests' calling convention and a context manager that builds the low-precision
+reference.
 
 Non-finite reference values (e.g. ``lse = -inf`` for a row that sees no key) must be reproduced exactly,
 and the kernel output must contain no NaN -- together with NaN-filled output buffers
@@ -16,45 +17,16 @@ import contextlib
 
 import torch
 
-try:  # one table of floors for the whole project
-    from attnzoo.testing import FLOORS
-except ImportError:  # pragma: no cover
-    FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.detach().double(), ref.detach().double()
-    fin = torch.isfinite(ref)
-    if not fin.any():
-        return 0.0
-    return (a[fin] - ref[fin]).abs().max().nan_to_num(nan=float("inf")).item()
+from attnzoo.testing import assert_accuracy
 
 
 def assert_close_by_rule(out, ref_fp64, ref_lowp, name, *, dtype=None, factor=2.0, floor=None):
     """``out``: the kernel's result; ``ref_fp64``: the reference in float64; ``ref_lowp``: the same reference
-    evaluated in the kernel's precision (``dtype`` defaults to ``out.dtype``, or the lowp ref's dtype)."""
+    evaluated in the kernel's precision (``dtype`` defaults to the lowp reference's dtype, else ``out``'s)."""
     assert out is not None, f"{name}: kernel returned None"
     assert ref_fp64 is not None and ref_lowp is not None, f"{name}: reference returned None"
-    assert tuple(out.shape) == tuple(ref_fp64.shape), (
-        f"{name}: shape {tuple(out.shape)} != reference {tuple(ref_fp64.shape)}"
-    )
     dtype = dtype or (ref_lowp.dtype if ref_lowp.dtype != torch.float64 else out.dtype)
-    o = out.detach().double()
-    r = ref_fp64.detach().double()
-    assert not torch.isnan(o).any(), f"{name}: kernel output has {int(torch.isnan(o).sum())} NaN(s) (unwritten or 0/0)"
-    fin = torch.isfinite(r)
-    if not fin.all():
-        same = torch.equal(torch.isfinite(o), fin) and torch.equal(o[~fin], r[~fin])
-        assert same, f"{name}: non-finite entries differ from the reference (e.g. lse = -inf of fully masked rows)"
-    err = max_err(o, r)
-    ref_err = max_err(ref_lowp, r)
-    if floor is None:
-        floor = FLOORS.get(dtype, 1e-3)
-    bound = factor * ref_err + floor
-    assert err <= bound, (
-        f"{name}: max error {err:.3e} vs fp64 exceeds {factor} x {ref_err:.3e} (reference in {dtype}) + floor {floor:.1e}"
-    )
-    return err, ref_err
+    return assert_accuracy(out.detach(), ref_fp64.detach(), ref_lowp.detach(), name, dtype, factor=factor, floor=floor)
 
 
 @contextlib.contextmanager
