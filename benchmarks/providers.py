@@ -689,4 +689,12 @@ def knocking_providers() -> List[Provider]:
         provs.append(Provider(name, "base" if form is None else "attnzoo", "attnzoo", build,
                               needs_cuda=False,
                               note="the unmodified module" if form is None else f"knocking='{form}' at init"))
+
+    def folded(case, x):
+        mod = build_module(case, "linear", x["x"].device, x["x"].dtype).fold()
+        mod.train(case.needs_grad)
+        return Built(lambda: _unwrap(mod(x["x"])), grad_to_none=list(mod.parameters()))
+
+    provs.append(Provider("kha-linear-folded", "attnzoo", "attnzoo", folded, needs_cuda=False,
+                          note="knocking='linear' after fold(): plain projections, no overhead"))
     return provs
