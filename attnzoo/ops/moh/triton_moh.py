@@ -74,6 +74,30 @@ def _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, 
     return lo, hi
 
 
+@triton.jit
+def _load_rows(ptr, b64, h, rows, valid, s_b, s_h, s_t, s_d, n_cols, BLOCK: tl.constexpr):
+    """Gather rows ``rows`` (masked by ``valid``) of head ``h`` of a BTHD tensor: ``[BLOCK_M, BLOCK]``."""
+    offs = tl.arange(0, BLOCK)
+    return tl.load(ptr + b64 * s_b + h * s_h + rows[:, None] * s_t + offs[None, :] * s_d,
+                   mask=valid[:, None] & (offs[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _load_bwd_rows(Q, DO, LSE, DELTA, Gates, b64, h, rows, valid,
+                   sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod, slb, slh, slt, sgb, sgt, sgh, D, DV,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What both backward kernels need of a packed row tile: Q, ``gate * dO`` (the gradient of the
+    unscaled output, in Q's dtype), ``lse * log2(e)`` (0 for rows that saw no key) and delta."""
+    q = _load_rows(Q, b64, h, rows, valid, sqb, sqh, sqt, sqd, D, BLOCK_D)
+    gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
+    do = _load_rows(DO, b64, h, rows, valid, sdob, sdoh, sdot, sdod, DV, BLOCK_DV)
+    do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
+    lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
+    delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    return q, do, lse2, delta
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _moh_fwd_kernel(
     Q, K, V, O, LSE, Gates, KPM, Rows, Counts, TileOff,
@@ -94,8 +118,7 @@ def _moh_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = pos.to(tl.int64)
-    q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(Q, b64, h, rows, valid, sqb, sqh, sqt, sqd, D, BLOCK_D)
     k_base = K + b64 * skb + (h // G) * skh
     v_base = V + b64 * svb + (h // G) * svh
     kpm_base = KPM + b64 * skpb
@@ -141,15 +164,9 @@ def _moh_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = pos.to(tl.int64)
-    q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * sdob + h * sdoh + rows[:, None] * sdot + offs_dv[None, :] * sdod,
-                 mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)  # gradient of the unscaled output
-    lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
-    delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, Gates, b64, h, rows, valid,
+                                        sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod, slb, slh, slt, sgb, sgt, sgh,
+                                        D, DV, BLOCK_D, BLOCK_DV)
     k_base = K + b64 * skb + (h // G) * skh
     v_base = V + b64 * svb + (h // G) * svh
     kpm_base = KPM + b64 * skpb
@@ -217,18 +234,12 @@ def _moh_bwd_dkdv_kernel(
             if reach:
                 pos = tl.where(valid, pos, Tq)
                 rows = pos.to(tl.int64)
-                q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
-                            mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-                gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
-                do = tl.load(DO + b64 * sdob + h * sdoh + rows[:, None] * sdot + offs_dv[None, :] * sdod,
-                             mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
-                lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
-                delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
+                q, do, lse2, delta = _load_bwd_rows(
+                    Q, DO, LSE, DELTA, Gates, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod,
+                    slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
                 st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
                 keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
                                 K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False)
-                lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
                 pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
                 dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
                 dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
