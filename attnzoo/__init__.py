@@ -12,6 +12,8 @@ from attnzoo.errors import BackendUnavailableError, InputError
 from attnzoo.ops.attention.api import attention, attention_with_kvcache
 from attnzoo.ops.dma.api import dynamic_mask_attention
 from attnzoo.ops.knocking.api import kha_mlp
+from attnzoo.ops.lightning.api import lightning_attention, lightning_decode
+from attnzoo.ops.lightning.decay import decay_rates
 from attnzoo.ops.masks import block_mask as masks
 from attnzoo.ops.masks.block_mask import BlockMask
 from attnzoo.ops.masks.flex import from_flex, to_flex
@@ -20,6 +22,7 @@ from attnzoo.modules.base import MultiHeadAttention
 from attnzoo.modules.cache import KVCache
 from attnzoo.modules.dma import DynamicMaskAttention
 from attnzoo.modules.kha import KnockingHeadsAttention
+from attnzoo.modules.lightning import LightningAttention, LightningCache
 from attnzoo.modules.moh import MoHAttention
 from attnzoo.modules.rope import RotaryEmbedding
 from attnzoo import convert

@@ -16,9 +16,18 @@ registers the whole way. Per chunk: the intra-chunk part is the masked quadratic
   so the state slices never need each other.
 - Head dims are padded to powers of two >= 16 (96 -> 128, 192 -> 256) with masked loads/stores; D and
   Dv are independent. Tokens past a sequence's end are masked (loaded as 0, never stored).
-- Precision: tiles are loaded in the input dtype; products of two inputs (Q K^T, A V, (w K)^T V, ...) run
-  in that dtype with fp32 accumulation; products with the fp32 state use fp32 operands at "tf32x3"
-  (near-fp32, and no fp16 overflow of a large state) for fp16/bf16 inputs and "ieee" for fp32 inputs.
+- Precision: tiles are loaded in the input dtype; Q K^T and the masked score tile times V (or dO) run in
+  that dtype with fp32 accumulation, like the reference in that dtype. The per-row decay weights of the
+  inter-chunk terms are applied after the dot (``lambda^(i+1) * (Q S)``). Products with the fp32 state
+  (``Q S``, ``dO S^T``, ``V dS^T``, ``K dS``) split the state, scaled so its max is 2^14 (no fp16
+  overflow), into hi + lo halves in the input dtype: two tensor-core dots, ~22 bits kept. The
+  decay-weighted K (or Q) that builds the state is split the same way: rounding it once biased the fp16
+  final state past the accuracy rule. fp32 inputs use exact ("ieee") dots everywhere: correct but slow
+  (no tensor cores; a quarter-size state slice keeps spills small up to head dim 128, larger ones spill);
+  use fp16/bf16 for speed.
+- Registers: the per-tile offsets are int32 around one int64 scalar base per chunk. Chunk 32 (head dims
+  <= 64, half precision) or 16, 8 warps: chosen from offline sm_90 compiles (no GPU here to time them),
+  where those sizes spill <= 40 B per thread in fp16/bf16 and chunk 64 spilled 0.4-2 KB.
 - Varlen: sequences come from ``cu_seqlens`` (a dense batch is ``cu = arange(B + 1) * T``); the state
   restarts from ``initial_state[i]`` (or 0) at every sequence.
 Nothing is skipped: linear attention has no sparsity; only the upper triangle of each tile is masked.
@@ -34,11 +43,43 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot_hi_lo(a, b, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``a @ b`` for an fp32 tile ``a`` and an input-dtype tile ``b``: with SPLIT (fp16/bf16 inputs) ``a`` is
+    split as ``hi + lo`` in ``b``'s dtype and both run on tensor cores -- nearly fp32-exact for the
+    decay-weighted k or q that builds the state (rounding them once would bias the state at fp16 level)."""
+    if SPLIT:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        acc = tl.dot(hi, b, input_precision=DOT_PREC) + tl.dot(lo, b, input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(a.to(b.dtype), b, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _dot_state(x, S, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``x @ S`` for an input-dtype tile ``x`` and an fp32 state tile ``S``. With SPLIT (fp16/bf16 inputs)
+    ``S`` is scaled so its largest entry is 2^14 (fp16 cannot overflow), split ``hi + lo`` in ``x``'s dtype,
+    and both halves run on tensor cores: ~22 bits of the state survive, at the register cost of one fp32
+    copy (an fp32 "tf32x3" dot spilled heavily). fp32 inputs: one exact ("ieee") dot."""
+    if SPLIT:
+        amax = tl.max(tl.max(tl.abs(S), axis=1), axis=0)
+        sc = tl.maximum(amax, 1e-30) * (1.0 / 16384.0)
+        Ss = S / sc
+        hi = Ss.to(x.dtype)
+        lo = (Ss - hi.to(tl.float32)).to(x.dtype)
+        acc = (tl.dot(x, hi, input_precision=DOT_PREC) + tl.dot(x, lo, input_precision=DOT_PREC)) * sc
+    else:
+        acc = tl.dot(x, S, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _lightning_fwd_kernel(
     Q, K, V, O, RATE, CU, H0, HT, scale,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STATE_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -54,10 +95,13 @@ def _lightning_fwd_kernel(
     m_d = o_d < D
     m_v = o_v < DV
     m_s = m_d[:, None] & m_v[None, :]
-    p_s = i_nh.to(tl.int64) * D * DV + o_d[:, None] * DV + o_v[None, :]
+    off_d = o_t[:, None] * (H * D) + o_d[None, :]
+    off_v = o_t[:, None] * (H * DV) + o_v[None, :]
+    base_s = i_nh.to(tl.int64) * (D * DV)
+    p_s = o_d[:, None] * DV + o_v[None, :]
 
     if HAS_H0:
-        S = tl.load(H0 + p_s, mask=m_s, other=0.0).to(tl.float32)
+        S = tl.load(H0 + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BD, BV], dtype=tl.float32)
 
@@ -70,20 +114,20 @@ def _lightning_fwd_kernel(
         t0 = i_t * BT
         m_t = (t0 + o_t) < T
         L = tl.minimum(T - t0, BT)
-        tok = (bos + t0 + o_t) * H + i_h
-        q = tl.load(Q + tok[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        k = tl.load(K + tok[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        v = tl.load(V + tok[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        q = tl.load(Q + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
+        k = tl.load(K + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
+        v = tl.load(V + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         A = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * M
         o = tl.dot(A.to(v.dtype), v, input_precision=DOT_PREC)
-        o += tl.dot(q.to(tl.float32) * w_q[:, None], S, input_precision=STATE_PREC)
-        tl.store(O + tok[:, None] * DV + o_v[None, :], (o * scale).to(O.dtype.element_ty),
+        o += w_q[:, None] * _dot_state(q, S, SPLIT, DOT_PREC)
+        tl.store(O + row * DV + off_v, (o * scale).to(O.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
         w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        kw = (k.to(tl.float32) * w_k[:, None]).to(k.dtype)
-        S = S * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans(kw), v, input_precision=DOT_PREC)
+        kw = k.to(tl.float32) * w_k[:, None]
+        S = S * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(kw), v, SPLIT, DOT_PREC)
 
-    tl.store(HT + p_s, S, mask=m_s)
+    tl.store(HT + base_s + p_s, S, mask=m_s)
 
 
 @triton.jit
@@ -91,7 +135,7 @@ def _lightning_bwd_dq_kernel(
     K, V, DO, DQ, RATE, CU, H0, scale,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
-    HAS_H0: tl.constexpr, STATE_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_H0: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # dq_i = scale * [ sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S_prev^T ]
     i_nh = tl.program_id(0)
@@ -108,9 +152,12 @@ def _lightning_bwd_dq_kernel(
     m_k = o_k < D
     m_v = o_v < DV
     m_s = m_k[:, None] & m_v[None, :]
-    p_s = i_nh.to(tl.int64) * D * DV + o_k[:, None] * DV + o_v[None, :]
+    off_k = o_t[:, None] * (H * D) + o_k[None, :]
+    off_v = o_t[:, None] * (H * DV) + o_v[None, :]
+    base_s = i_nh.to(tl.int64) * (D * DV)
+    p_s = o_k[:, None] * DV + o_v[None, :]
     if HAS_H0:
-        S = tl.load(H0 + p_s, mask=m_s, other=0.0).to(tl.float32)
+        S = tl.load(H0 + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BDV], dtype=tl.float32)
 
@@ -122,18 +169,18 @@ def _lightning_bwd_dq_kernel(
         t0 = i_t * BT
         m_t = (t0 + o_t) < T
         L = tl.minimum(T - t0, BT)
-        tok = (bos + t0 + o_t) * H + i_h
-        k = tl.load(K + tok[:, None] * D + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        v = tl.load(V + tok[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        do = tl.load(DO + tok[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        k = tl.load(K + row * D + off_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        v = tl.load(V + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        do = tl.load(DO + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         A = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * M
         dq = tl.dot(A.to(k.dtype), k, input_precision=DOT_PREC)
-        dq += tl.dot(do.to(tl.float32) * w_q[:, None], tl.trans(S), input_precision=STATE_PREC)
-        tl.store(DQ + tok[:, None] * D + o_k[None, :], (dq * scale).to(DQ.dtype.element_ty),
+        dq += w_q[:, None] * _dot_state(do, tl.trans(S), SPLIT, DOT_PREC)
+        tl.store(DQ + row * D + off_k, (dq * scale).to(DQ.dtype.element_ty),
                  mask=m_t[:, None] & m_k[None, :])
         w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        kw = (k.to(tl.float32) * w_k[:, None]).to(k.dtype)
-        S = S * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans(kw), v, input_precision=DOT_PREC)
+        kw = k.to(tl.float32) * w_k[:, None]
+        S = S * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(kw), v, SPLIT, DOT_PREC)
 
 
 @triton.jit
@@ -141,7 +188,7 @@ def _lightning_bwd_dk_kernel(
     Q, V, DO, DK, RATE, CU, DHT, scale,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
-    HAS_DHT: tl.constexpr, STATE_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i . v_j) q_i + lambda^(L-1-j) v_j dS^T
     i_nh = tl.program_id(0)
@@ -158,9 +205,12 @@ def _lightning_bwd_dk_kernel(
     m_k = o_k < D
     m_v = o_v < DV
     m_s = m_k[:, None] & m_v[None, :]
-    p_s = i_nh.to(tl.int64) * D * DV + o_k[:, None] * DV + o_v[None, :]
+    off_k = o_t[:, None] * (H * D) + o_k[None, :]
+    off_v = o_t[:, None] * (H * DV) + o_v[None, :]
+    base_s = i_nh.to(tl.int64) * (D * DV)
+    p_s = o_k[:, None] * DV + o_v[None, :]
     if HAS_DHT:
-        dS = tl.load(DHT + p_s, mask=m_s, other=0.0).to(tl.float32)
+        dS = tl.load(DHT + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BDV], dtype=tl.float32)
 
@@ -174,17 +224,17 @@ def _lightning_bwd_dk_kernel(
         t0 = (NT - 1 - i_r) * BT
         m_t = (t0 + o_t) < T
         L = tl.minimum(T - t0, BT)
-        tok = (bos + t0 + o_t) * H + i_h
-        q = tl.load(Q + tok[:, None] * D + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        v = tl.load(V + tok[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        do = tl.load(DO + tok[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        q = tl.load(Q + row * D + off_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        v = tl.load(V + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        do = tl.load(DO + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         A = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * Mt
         dk = tl.dot(A.to(q.dtype), q, input_precision=DOT_PREC) * scale
         w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        dk += tl.dot(v.to(tl.float32) * w_k[:, None], tl.trans(dS), input_precision=STATE_PREC)
-        tl.store(DK + tok[:, None] * D + o_k[None, :], dk.to(DK.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-        qw = (q.to(tl.float32) * w_q[:, None]).to(q.dtype)
-        dS = dS * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans(qw), do, input_precision=DOT_PREC) * scale
+        dk += w_k[:, None] * _dot_state(v, tl.trans(dS), SPLIT, DOT_PREC)
+        tl.store(DK + row * D + off_k, dk.to(DK.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+        qw = q.to(tl.float32) * w_q[:, None]
+        dS = dS * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(qw), do, SPLIT, DOT_PREC) * scale
 
 
 @triton.jit
@@ -192,7 +242,7 @@ def _lightning_bwd_dv_kernel(
     Q, K, DO, DV_, RATE, CU, DHT, DH0, scale,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, STATE_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i + lambda^(L-1-j) k_j dS ; dS after chunk 0 = dS0
     i_nh = tl.program_id(0)
@@ -209,9 +259,12 @@ def _lightning_bwd_dv_kernel(
     m_d = o_d < D
     m_v = o_v < DV
     m_s = m_d[:, None] & m_v[None, :]
-    p_s = i_nh.to(tl.int64) * D * DV + o_d[:, None] * DV + o_v[None, :]
+    off_d = o_t[:, None] * (H * D) + o_d[None, :]
+    off_v = o_t[:, None] * (H * DV) + o_v[None, :]
+    base_s = i_nh.to(tl.int64) * (D * DV)
+    p_s = o_d[:, None] * DV + o_v[None, :]
     if HAS_DHT:
-        dS = tl.load(DHT + p_s, mask=m_s, other=0.0).to(tl.float32)
+        dS = tl.load(DHT + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BD, BV], dtype=tl.float32)
 
@@ -224,19 +277,19 @@ def _lightning_bwd_dv_kernel(
         t0 = (NT - 1 - i_r) * BT
         m_t = (t0 + o_t) < T
         L = tl.minimum(T - t0, BT)
-        tok = (bos + t0 + o_t) * H + i_h
-        q = tl.load(Q + tok[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        k = tl.load(K + tok[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        do = tl.load(DO + tok[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        q = tl.load(Q + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
+        k = tl.load(K + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
+        do = tl.load(DO + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         A = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * Mt
         dv = tl.dot(A.to(do.dtype), do, input_precision=DOT_PREC) * scale
         w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        dv += tl.dot(k.to(tl.float32) * w_k[:, None], dS, input_precision=STATE_PREC)
-        tl.store(DV_ + tok[:, None] * DV + o_v[None, :], dv.to(DV_.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        qw = (q.to(tl.float32) * w_q[:, None]).to(q.dtype)
-        dS = dS * tl.exp(-s * L.to(tl.float32)) + tl.dot(tl.trans(qw), do, input_precision=DOT_PREC) * scale
+        dv += w_k[:, None] * _dot_state(k, dS, SPLIT, DOT_PREC)
+        tl.store(DV_ + row * DV + off_v, dv.to(DV_.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        qw = q.to(tl.float32) * w_q[:, None]
+        dS = dS * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(qw), do, SPLIT, DOT_PREC) * scale
 
-    tl.store(DH0 + p_s, dS, mask=m_s)
+    tl.store(DH0 + base_s + p_s, dS, mask=m_s)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,32 +297,49 @@ def _lightning_bwd_dv_kernel(
 
 _STATE_BUDGET = 8192  # fp32 elements of a program's state tile (registers)
 
+#: tests set this to fill fresh outputs with NaN, so an element a kernel forgets to write shows up
+DEBUG_NAN_FILL = False
+
+
+def _new(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if DEBUG_NAN_FILL:
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
 
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
-    """(precision of input x input dots, precision of dots with the fp32 state)."""
-    if dtype == torch.float32:
-        return "ieee", "ieee"
-    return "ieee", "tf32x3"  # the first is ignored for fp16/bf16 operands
+def _precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every dot: exact for fp32 inputs; fp16/bf16 operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tiles(D: int, Dv: int):
+def _tiles(D: int, Dv: int, dtype: torch.dtype = torch.float16):
+    """(BD, BDV, BV, BK): padded head dims and the state slice a program owns. fp32 inputs get a quarter
+    of the state budget (their exact FMA dots hold operands in registers)."""
+    budget = _STATE_BUDGET // 4 if dtype == torch.float32 else _STATE_BUDGET
     BD, BDV = _pow2(D), _pow2(Dv)
-    BV = max(16, min(BDV, _STATE_BUDGET // BD))
-    BK = max(16, min(BD, _STATE_BUDGET // BDV))
+    BV = max(16, min(BDV, budget // BD))
+    BK = max(16, min(BD, budget // BDV))
     return BD, BDV, BV, BK
 
 
 def _warps(BT: int, BD: int, BV: int) -> int:
-    return 8 if BD * max(BV, BT) >= 16384 or BT * BD >= 16384 else 4
+    return 4 if max(BD, BV) <= 32 else 8
 
 
-def default_chunk_size(device: torch.device) -> int:
-    """64 on a GPU; 16 under the CPU interpreter (tests: many chunk boundaries on short sequences)."""
-    return 64 if device.type == "cuda" else 16
+def default_chunk_size(device: torch.device, D: int = 128, Dv: int = 128, dtype: torch.dtype = torch.float16) -> int:
+    """Chunk length. Under the CPU interpreter 16 (tests: many chunk boundaries on short sequences). On a
+    GPU 32 for fp16/bf16 with padded head dims <= 64, else 16. Chosen offline (no GPU was available to
+    time them) from sm_90 compiles: these are the sizes whose kernels do not spill registers at 8 warps
+    (chunk 64 spilled 0.4-2 KB per thread) and stay under ~100 KB of shared memory."""
+    if device.type != "cuda":
+        return 16
+    pad = max(_pow2(D), _pow2(Dv))
+    return 32 if (pad <= 64 and dtype != torch.float32) else 16
 
 
 def _check_chunk(chunk_size: int) -> int:
@@ -284,17 +354,17 @@ def fwd_impl(q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: int):
     n = cu_seqlens.shape[0] - 1
     BT = _check_chunk(chunk_size)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty(N, H, Dv, device=q.device, dtype=q.dtype)
-    ht = torch.empty(n, H, D, Dv, device=q.device, dtype=torch.float32)
+    o = _new(N, H, Dv, like=q)
+    ht = _new(n, H, D, Dv, like=q, dtype=torch.float32)
     if h0 is not None:
         h0 = h0.to(torch.float32).contiguous()
-    BD, BDV, BV, BK = _tiles(D, Dv)
-    dot_prec, state_prec = _precisions(q.dtype)
+    BD, BDV, BV, BK = _tiles(D, Dv, q.dtype)
+    dot_prec = _precision(q.dtype)
     grid = (n * H, triton.cdiv(Dv, BV))
     _lightning_fwd_kernel[grid](
         q, k, v, o, rate, cu_seqlens, h0 if h0 is not None else ht, ht, float(scale),
         H=H, D=D, DV=Dv, BT=BT, BD=BD, BV=BV, HAS_H0=h0 is not None,
-        STATE_PREC=state_prec, DOT_PREC=dot_prec, num_warps=_warps(BT, BD, BV),
+        DOT_PREC=dot_prec, SPLIT=q.dtype != torch.float32, num_warps=_warps(BT, BD, BV),
     )
     return o, ht
 
@@ -309,13 +379,13 @@ def bwd_impl(do, dht, q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: i
         h0 = h0.to(torch.float32).contiguous()
     if dht is not None:
         dht = dht.to(torch.float32).contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dh0 = torch.empty(n, H, D, Dv, device=q.device, dtype=torch.float32)
-    BD, BDV, BV, BK = _tiles(D, Dv)
-    dot_prec, state_prec = _precisions(q.dtype)
-    common = dict(H=H, D=D, DV=Dv, BT=BT, STATE_PREC=state_prec, DOT_PREC=dot_prec)
+    dq = _new(*q.shape, like=q)
+    dk = _new(*k.shape, like=k)
+    dv = _new(*v.shape, like=v)
+    dh0 = _new(n, H, D, Dv, like=q, dtype=torch.float32)
+    BD, BDV, BV, BK = _tiles(D, Dv, q.dtype)
+    dot_prec = _precision(q.dtype)
+    common = dict(H=H, D=D, DV=Dv, BT=BT, DOT_PREC=dot_prec, SPLIT=q.dtype != torch.float32)
     gk = (n * H, triton.cdiv(D, BK))
     gv = (n * H, triton.cdiv(Dv, BV))
     _lightning_bwd_dq_kernel[gk](
@@ -433,7 +503,7 @@ def lightning_chunk(
     rate = rate.detach().to(device=q.device, dtype=torch.float32)
     if initial_state is not None:
         initial_state = initial_state.to(torch.float32)
-    chunk_size = chunk_size or default_chunk_size(q.device)
+    chunk_size = chunk_size or default_chunk_size(q.device, D, v.shape[-1], q.dtype)
     o, ht = torch.ops.attnzoo.lightning_fwd(
         q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, v.shape[-1]),
         rate, cu_seqlens, initial_state, float(scale), int(chunk_size),

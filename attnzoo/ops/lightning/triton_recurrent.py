@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops.lightning.triton_chunk import _new  # noqa: F401  (NaN-filled allocations in tests)
+
 
 @triton.jit
 def _lightning_decode_kernel(
@@ -34,7 +36,8 @@ def _lightning_decode_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_d = o_d < D
     m_v = o_v < DV
-    p_s = i_bh.to(tl.int64) * D * DV + o_d[:, None] * DV + o_v[None, :]
+    p_s = o_d[:, None] * DV + o_v[None, :]
+    S_PTR += i_bh.to(tl.int64) * (D * DV)
     S = tl.load(S_PTR + p_s, mask=m_d[:, None] & m_v[None, :], other=0.0)
     for t in range(0, Tn):
         tok = (i_b.to(tl.int64) * Tn + t) * H + i_h
@@ -51,7 +54,7 @@ def decode_impl(q, k, v, state, rate, scale: float) -> torch.Tensor:
     B, Tn, H, D = q.shape
     Dv = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty(B, Tn, H, Dv, device=q.device, dtype=q.dtype)
+    o = _new(B, Tn, H, Dv, like=q)
     work = state if state.is_contiguous() else state.contiguous()
     BD = max(16, triton.next_power_of_2(D))
     BV = max(16, min(triton.next_power_of_2(Dv), max(16, 8192 // BD)))
