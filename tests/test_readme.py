@@ -48,3 +48,12 @@ def test_status_table_is_true():
             claims = cell.startswith("yes")
             assert claims == (name in have), f"README says {cell!r} for {op}/{name}; registered: {sorted(have)}"
     assert attnzoo.__version__
+
+
+def test_readme_examples_run():
+    """The usage examples in the README run as written."""
+    (code,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["y"].shape == (2, 128, 512)
+    assert scope["o"].shape == (2, 64, 8, 64) and scope["lse"].shape == (2, 8, 64)
