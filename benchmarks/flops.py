@@ -198,6 +198,25 @@ def mha_module_flops(B: int, T: int, dim: int, H: int, Hkv: int, D: int, *, caus
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
 
+def moh_module_flops(B: int, T: int, dim: int, H: int, Hkv: int, D: int, active_fraction: float, *,
+                     routed_heads: Optional[int] = None, causal: bool = True, mode: str = "fwd") -> Tuple[float, float]:
+    """(dense-equivalent, effective) FLOPs of a MoH layer (SPEC §3): :func:`mha_module_flops`' projections
+    and core plus the learned router's logits ``dim -> routed_heads`` (``2 * B * T * dim * h_r``; the
+    softmax and top-k are not counted). *Dense-equivalent* computes every head; *effective* only the
+    ``active_fraction`` of the core's query rows (projections and router are dense either way). Backward:
+    2 x forward for the matmuls of projections and router, 2.5 x for the core."""
+    if not 0.0 < active_fraction <= 1.0:
+        raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction}")
+    h_r = H if routed_heads is None else routed_heads
+    router = 2.0 * B * T * dim * h_r
+    mat = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}.get(mode)
+    if mat is None:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    dense = mha_module_flops(B, T, dim, H, Hkv, D, causal=causal, mode=mode) + mat * router
+    core = attention_flops(B, H, T, T, D, causal=causal, mode=mode)
+    return dense, dense - core * (1.0 - active_fraction)
+
+
 def kha_extra_flops(B: int, T: int, H: int, Hkv: int, D: int, form: str) -> float:
     """Forward FLOPs KHA adds to its base (SPEC §4): ``linear`` = one ``D x D`` matmul per head vector of
     Q (H heads), K and V (Hkv heads each) -- an upper bound, T^Q and T^K being optional; ``mlp`` = three

@@ -159,7 +159,9 @@ def test_suite_sweeps():
     seqs = [c.shape["T"] for c in lt if c.mode != "step"]
     assert min(seqs) == 1024 and max(seqs) == 131072
     assert {c.mode for c in lt} == {"fwd", "fwd+bwd", "step"}
-    assert {c.x for c in S.get("moh").cases("full")} == {0.5, 0.75, 0.9, 1.0}
+    moh = S.get("moh").cases("full")
+    assert {c.x for c in moh if c.params["kind"] == "core"} == {0.5, 0.75, 0.9, 1.0}
+    assert {c.params["kind"] for c in moh} == {"core", "layer", "decode"}
     sp = S.get("sparse").cases("full")
     assert {c.params["kind"] for c in sp} == {"block", "dma"}
     assert all(c.flops_effective <= c.flops for c in sp)
@@ -199,6 +201,216 @@ def test_lightning_gold_matches_the_recurrence():
         ref = 0.5 * torch.einsum("bhd,bhde->bhe", q[:, t], state)
         assert torch.allclose(o[:, t].double(), ref, atol=1e-4)
     assert torch.allclose(st.double(), state, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the moh suite: head-sparse core (with attnzoo's dense core as the denominator), layer, decode
+
+
+def test_moh_module_flops_hand_count():
+    B, T, dim, H, D = 1, 4, 8, 2, 4
+    proj = 2 * B * T * dim * 3 * H * D + 2 * B * T * H * D * dim
+    router = 2 * B * T * dim * H
+    core = F.attention_flops(B, H, T, T, D, causal=True)
+    dense, eff = F.moh_module_flops(B, T, dim, H, H, D, 0.5)
+    assert dense == proj + router + core and eff == proj + router + core / 2
+    dense, eff = F.moh_module_flops(B, T, dim, H, H, D, 0.5, mode="fwd+bwd")
+    assert dense == 3 * (proj + router) + 3.5 * core and eff == 3 * (proj + router) + 3.5 * core / 2
+    # no routed heads and every head active: exactly the MHA layer
+    assert F.moh_module_flops(B, T, dim, H, H, D, 1.0, routed_heads=0) == (F.mha_module_flops(B, T, dim, H, H, D),) * 2
+    with pytest.raises(ValueError):
+        F.moh_module_flops(B, T, dim, H, H, D, 0.0)
+    with pytest.raises(ValueError):
+        F.moh_module_flops(B, T, dim, H, H, D, 0.5, mode="sideways")
+
+
+def test_moh_grid_covers_the_issue():
+    cases = S.get("moh").cases("full")
+    core = [c for c in cases if c.params["kind"] == "core"]
+    assert {c.mode for c in core} == {"fwd", "fwd+bwd"}
+    assert {c.shape["D"] for c in core} == {64, 128} and {c.shape["H"] for c in core} == {16, 32}
+    assert {c.shape["T"] for c in core} == {2048, 4096, 8192, 16384}
+    for D in (64, 128):  # every (D, mode, T) has the full rho sweep, with rho = 1 as the dense core's row
+        for mode in ("fwd", "fwd+bwd"):
+            for T in (2048, 4096, 8192, 16384):
+                xs = {c.x for c in core if c.shape["D"] == D and c.mode == mode and c.shape["T"] == T}
+                assert xs == {0.5, 0.75, 0.9, 1.0}, (D, mode, T)
+    assert all(c.params["unit_gates"] == (c.x == 1.0) for c in core)
+    layer = [c for c in cases if c.params["kind"] == "layer"]
+    target = [c for c in layer if c.x == 0.5 and c.mode == "fwd+bwd" and c.shape["B"] * c.shape["T"] == 8192]
+    assert target and all(c.shape["dim"] == c.shape["H"] * 128 for c in layer)
+    assert all(c.params["num_shared_heads"] == 0 and c.params["top_k"] == round(c.x * c.shape["H"]) for c in layer)
+    dec = [c for c in cases if c.params["kind"] == "decode"]
+    assert {c.shape["Tk"] for c in dec} == {4096, 8192, 16384, 32768}
+    assert all(c.shape["Tn"] == 1 and c.shape["B"] == 16 and (c.shape["H"], c.shape["Hkv"]) == (32, 8) for c in dec)
+    assert {c.x for c in dec} == {0.0, 0.25, 0.5} and all(c.params["idle_kv_groups"] == c.x * 8 for c in dec)
+    quick = S.get("moh").cases("quick")
+    assert {c.params["kind"] for c in quick} == {"core", "layer", "decode"} and len(quick) <= 16
+    assert any(c.params["kind"] == "layer" and c.x == 0.5 and c.mode == "fwd+bwd" for c in quick)
+
+
+@pytest.mark.parametrize("level", ["tiny", "quick", "full"])
+def test_moh_cases_carry_the_formulas(level):
+    for c in S.get("moh").cases(level):
+        s, p = c.shape, c.params
+        k = p["active_heads"]
+        if p["kind"] == "core":
+            assert (c.flops, c.flops_effective) == F.moh_flops(s["B"], s["H"], s["T"], s["D"], k / s["H"], mode=c.mode)
+            assert c.tokens == s["B"] * s["T"] and k == max(1, round(c.x * s["H"]))
+        elif p["kind"] == "layer":
+            assert (c.flops, c.flops_effective) == F.moh_module_flops(
+                s["B"], s["T"], s["dim"], s["H"], s["Hkv"], s["D"], k / s["H"], mode=c.mode)
+            assert c.flops_effective < c.flops or c.x == 1.0
+        else:
+            assert c.mode == "decode" and c.flops is None
+            assert c.bytes == F.decode_bytes(s["B"], 1, s["H"], s["Hkv"], s["D"], cache_lens=s["Tk"], elem=2)
+    # cases that share inputs and a gold answer are the same computation
+    keys = {}
+    for c in S.get("moh").cases(level):
+        keys.setdefault(c.input_key, set()).add((c.params["kind"], c.params["active_heads"], tuple(c.shape.items())))
+    assert all(len(v) == 1 for v in keys.values())
+
+
+def test_moh_tiny_inputs_have_the_stated_routing():
+    suite = S.get("moh")
+    for c in suite.cases("tiny"):
+        x = suite.make_inputs(c, "cpu", torch.float32)
+        k = c.params["active_heads"]
+        if c.params["kind"] == "layer":
+            H = c.shape["H"]
+            feats = x["x"][..., :H]
+            # distinct per token, and exactly a permutation of (i - H/2) / 8 (exact in bf16)
+            want = (torch.arange(H).float() - H // 2) / 8
+            assert torch.equal(feats.sort(-1).values, want.expand_as(feats))
+            assert torch.equal(feats.bfloat16().float(), feats)
+            continue
+        active = x["gates"] != 0
+        assert (active.sum(-1) == k).all()
+        if c.params["kind"] == "decode":
+            H, Hkv = c.shape["H"], c.shape["Hkv"]
+            per_group = active.view(*active.shape[:2], Hkv, H // Hkv).any(-1)
+            assert ((~per_group).sum(-1) == c.params["idle_kv_groups"]).all()
+        elif c.params["unit_gates"]:
+            assert (x["gates"] == 1).all()
+        else:
+            g = x["gates"][active]
+            assert (g >= 0.5).all() and (g <= 1.5).all()
+
+
+def _moh_layer_case(x=0.5, mode="fwd+bwd"):
+    return next(c for c in S.get("moh").cases("tiny") if c.params["kind"] == "layer" and c.x == x and c.mode == mode)
+
+
+@pytest.mark.parametrize("rho", [0.5, 1.0])
+def test_moh_dense_then_mask_layer_matches_the_reference_module(rho):
+    """The dense-then-mask baseline layer (SDPA flash core, benchmarks code) and the bounded-memory gold core
+    compute the reference-backend module's function: outputs, input and weight gradients (fp32, CPU)."""
+    from benchmarks.providers import build_moh_layer, gold_core, sdpa_dense_then_mask
+
+    suite = S.get("moh")
+    case = _moh_layer_case(rho)
+    inputs = suite.make_inputs(case, "cpu", torch.float32)
+    results = {}
+    for name, kw in (("reference", dict(backend="reference")), ("dense-then-mask", dict(core=sdpa_dense_then_mask)),
+                     ("gold-core", dict(core=gold_core))):
+        mod = build_moh_layer(case, torch.device("cpu"), torch.float32, **kw)
+        mod.train(True)
+        x = inputs["x"].clone().requires_grad_(True)
+        out = mod(x)
+        out.backward(inputs["dout"])
+        results[name] = (out.detach(), x.grad, mod.o_proj.weight.grad, mod.router_routed.grad, mod.last_gates)
+    ref = results["reference"]
+    H = case.shape["H"]
+    assert ((ref[4] != 0).sum(-1) == round(rho * H)).all()  # exactly rho of the heads of every token
+    for name in ("dense-then-mask", "gold-core"):
+        got = results[name]
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the suite's gold is that same function
+    gold = suite.gold(case, inputs, with_grads=True)
+    torch.testing.assert_close(gold["out"], ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gold["grads"]["x"], ref[1], rtol=1e-4, atol=1e-5)
+
+
+def test_moh_layer_routing_is_the_same_in_every_precision():
+    from benchmarks.providers import build_moh_layer, sdpa_dense_then_mask
+
+    suite = S.get("moh")
+    case = _moh_layer_case(0.5, "fwd")
+    pattern = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = suite.make_inputs(case, "cpu", dtype)["x"]
+        mod = build_moh_layer(case, torch.device("cpu"), dtype, core=sdpa_dense_then_mask)
+        with torch.no_grad():
+            mod(x)
+        pattern[dtype] = mod.last_gates != 0
+    assert torch.equal(pattern[torch.float32], pattern[torch.bfloat16])
+
+
+def test_moh_providers_and_the_check_on_cpu():
+    """Every tiny moh case (core, layer, decode) through the runner with the CPU-capable providers: attnzoo's
+    reference and the dense-then-mask SDPA peer (its GPU-only flag lifted) pass the check; a layer whose core
+    forgets the gates, and the dense core on gated inputs, are caught as mismatches."""
+    import dataclasses
+
+    from benchmarks.providers import DENSE_CORE, build_moh_layer, sdpa_dense_then_mask
+
+    suite = S.get("moh")
+    cases = suite.cases("tiny")
+    provs = {p.name: p for p in suite.providers()}
+    assert not provs["attnzoo-reference"].needs_cuda
+    gpu_only = ("attnzoo-triton", DENSE_CORE, "dense-mask-sdpa-flash", "dense-mask-sdpa-cudnn", "dense-mask-flash-attn")
+    assert all(provs[n].needs_cuda for n in gpu_only)
+    assert provs[DENSE_CORE].role == "base"
+    assert [c.x for c in cases if provs[DENSE_CORE].applies(c)] == [1.0, 1.0]
+    assert all(c.params["kind"] == "core" for c in cases if provs[DENSE_CORE].applies(c))
+
+    def no_gates(q, k, v, gates, *, causal, scale=None):
+        return sdpa_dense_then_mask(q, k, v, torch.ones_like(gates), causal=causal, scale=scale)
+
+    def forgetful(case, x):
+        if case.params["kind"] == "layer":
+            mod = build_moh_layer(case, x["x"].device, x["x"].dtype, core=no_gates)
+            mod.train(case.needs_grad)
+            return Built(lambda: mod(x["x"]))
+        return Built(lambda: no_gates(x["q"], x["k"], x["v"], x["gates"], causal=True))
+
+    def gate_free_core(case, x):
+        return Built(lambda: no_gates(x["q"], x["k"], x["v"], x["gates"], causal=True))
+
+    run = [provs["attnzoo-reference"], dataclasses.replace(provs["dense-mask-sdpa-flash"], needs_cuda=False),
+           dataclasses.replace(provs[DENSE_CORE], name="dense-core-anywhere", needs_cuda=False, build=gate_free_core,
+                               applies=lambda c: c.params["kind"] == "core"),
+           Provider("forgetful", "peer", "torch", forgetful, needs_cuda=False)]
+    recs = runner.run_suite(suite, cases, run, torch.device("cpu"), torch.float32, bench=stub_bench())
+    by = {(r["provider"], r["case"]): r for r in recs}
+    for c in cases:
+        for name in ("attnzoo-reference", "dense-mask-sdpa-flash"):
+            r = by[(name, c.name)]
+            assert r["status"] == "ok" and r["checked"], r
+            if c.needs_grad:
+                assert set(r["errors"]) >= ({"dx"} if c.params["kind"] == "layer" else {"dq", "dk", "dv"})
+        # the router's gates are never all exactly 1 (a softmax of distinct logits); decode's are random
+        gated = not c.params.get("unit_gates", False)
+        assert by[("forgetful", c.name)]["status"] == ("mismatch" if gated else "ok"), c.name
+        if c.params["kind"] == "core":
+            # gate-free dense attention is the right answer exactly where every gate is 1
+            assert by[("dense-core-anywhere", c.name)]["status"] == ("ok" if c.params["unit_gates"] else "mismatch")
+
+
+def test_dense_core_ratios():
+    from benchmarks.suites.moh import dense_core_ratios
+
+    def rec(provider, group, x, ms, kind="core", status="ok"):
+        return {"provider": provider, "group": group, "x": x, "ms": ms, "status": status, "params": {"kind": kind}}
+
+    records = [rec("attnzoo-triton", "g", 0.5, 3.0), rec("attnzoo-triton", "g", 1.0, 10.5),
+               rec("attnzoo-dense-core", "g", 1.0, 10.0), rec("dense-mask-sdpa-flash", "g", 0.5, 9.0),
+               rec("attnzoo-triton", "h", 0.5, 1.0),  # no denominator in group h
+               rec("attnzoo-triton", "l", 0.5, 1.0, kind="layer"),
+               rec("attnzoo-dense-core", "l", 1.0, 2.0, kind="layer"),
+               rec("attnzoo-triton", "g", 0.75, None, status="mismatch")]
+    assert dense_core_ratios(records) == {("g", 0.5): pytest.approx(0.3), ("g", 1.0): pytest.approx(1.05)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -451,7 +663,8 @@ def test_dry_run_lists_suites_shapes_and_providers(tmp_path, capsys):
 def test_dry_run_single_suite_full(capsys):
     assert runner.main(["--dry-run", "--suite", "moh"]) == 0
     out = capsys.readouterr().out
-    assert "suite moh: 16 cases" in out and "suite attention" not in out
+    assert f"suite moh: {len(S.get('moh').cases('full'))} cases" in out and "suite attention" not in out
+    assert "attnzoo-dense-core" in out and "kind=layer" in out and "kind=decode" in out
 
 
 def test_refuses_without_a_gpu(tmp_path, monkeypatch, capsys):
