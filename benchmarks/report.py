@@ -343,6 +343,14 @@ def render_suite(path: Path, data: Dict[str, Any], md_dir: Path) -> List[str]:
             tail = f"{s:.2f}x" if s is not None else "n/a"
         lines.append(f"| {label} | " + " | ".join(_fmt(recs.get(p)) for p in provs) + f" | {tail} |")
     lines.append("")
+    if suite == "moh":
+        from benchmarks.suites.moh import dense_core_ratios
+
+        ratios = dense_core_ratios(records)
+        if ratios:
+            lines.append("MoH core time / attnzoo's dense core with every head (target <= rho + 0.1): "
+                         + "; ".join(f"{g}, rho={x}: {v:.2f}" for (g, x), v in sorted(ratios.items())))
+            lines.append("")
     bad = [r for r in records if r["status"] in ("mismatch", "error", "oom")]
     if bad:
         lines.append("<details><summary>Mismatches and failures</summary>")

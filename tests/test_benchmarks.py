@@ -720,3 +720,27 @@ def test_progress_fallback():
         bar.update()
     bar.close()
     assert "4/4" in buf.getvalue() and "[########################]" in buf.getvalue()
+
+
+def test_moh_report_shows_ratio_to_own_dense_core(tmp_path):
+    """The moh section states each core time over attnzoo's dense core (the rho + 0.1 target)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from benchmarks import report
+
+    base = json.loads((Path(__file__).parent / "fixtures" / "bench_results_sample.json").read_text())
+    data = copy.deepcopy(base)
+    data["suite"] = "moh"
+    proto = base["records"][0]
+    recs = []
+    for prov, x, ms in (("attnzoo-dense-core", 1.0, 2.0), ("attnzoo-triton", 0.5, 1.1), ("attnzoo-triton", 1.0, 2.1)):
+        r = copy.deepcopy(proto)
+        r.update(suite="moh", provider=prov, x=x, ms=ms, group="fwd core", x_name="active_fraction",
+                 case=f"fwd core active={x}", params={"kind": "core"}, metric="ms")
+        recs.append(r)
+    data["records"] = recs
+    text = "\n".join(report.render_suite(tmp_path / "moh.json", data, tmp_path))
+    assert "target <= rho + 0.1" in text
+    assert "rho=0.5: 0.55" in text and "rho=1.0: 1.05" in text
