@@ -5,6 +5,7 @@
 #   device run --carry .whl: bash benchmarks/gpu_run.sh
 # Then copy $OUT/results/<gpu>/ into benchmarks/results/<gpu>/ and run `python -m benchmarks.report`.
 # Env: SUITES (default "attention decode"), TEST_TIMEOUT (s, default 240), BENCH_TIMEOUT (s, default 300).
+# At most 8 files come back from $OUT: 3 logs + per suite a JSON and a PNG + RESULTS.md, so 2 suites a call.
 set -uo pipefail
 OUT=${OUT:-/tmp/attnzoo-out}
 mkdir -p "$OUT"
@@ -14,8 +15,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PWD:/tmp/site
 fi
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
-  > "$OUT/env.txt" 2>&1
-timeout 120 python3 -m attnzoo.cli check --no-progress > "$OUT/check.log" 2>&1
+  > "$OUT/check.log" 2>&1
+timeout 120 python3 -m attnzoo.cli check --no-progress >> "$OUT/check.log" 2>&1
 echo "check rc=$?" >> "$OUT/check.log"
 ATTNZOO_HYPOTHESIS_PROFILE=gpu timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -x -p no:cacheprovider \
   > "$OUT/pytest.log" 2>&1
