@@ -105,8 +105,10 @@ def select(op: str, backend: str, **inputs) -> Implementation:
         if reasons:
             skipped[impl.backend] = reasons
             continue
-        if impl.backend == "reference" and device is not None and device.type == "cuda" and skipped:
-            key = (op, _format_reasons(skipped))
+        if impl.backend == "reference" and device is not None and device.type == "cuda":
+            # every faster backend's reason, including "no implementation exists yet"
+            reasons_all = {b: r for b, r in why_not(op, **inputs).items() if b != "reference"}
+            key = (op, _format_reasons({**reasons_all, **skipped}))
             if key not in _warned:
                 _warned.add(key)
                 warnings.warn(

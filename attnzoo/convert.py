@@ -7,6 +7,7 @@ Every converter returns a new module (the input is left untouched) on the same d
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -14,21 +15,26 @@ from torch import nn
 
 from attnzoo.errors import InputError
 from attnzoo.modules.base import MultiHeadAttention, SoftmaxAttentionBase
+from attnzoo.modules.dma import DynamicMaskAttention
 from attnzoo.modules.moh import MoHAttention
 
 
 def _check_source(module, what: str) -> None:
     if not isinstance(module, SoftmaxAttentionBase):
         raise InputError(f"module: expected an attnzoo softmax attention module for {what}, got {type(module).__name__}")
+    if isinstance(module, DynamicMaskAttention) and what != "fold":
+        # dt_proj reads the concatenated value heads and A has one entry per kv head: pooling the value
+        # heads changes what both mean, so there is no output-preserving conversion to offer
+        raise InputError(f"module: {what} does not convert DynamicMaskAttention (its dt_proj and A depend on the kv heads)")
 
 
 def _rebuild(module: SoftmaxAttentionBase, cls, **overrides) -> SoftmaxAttentionBase:
-    """A ``cls`` with ``module``'s constructor words (``overrides`` win), on its device and dtype, holding
-    copies of every parameter the two share by name and shape."""
+    """A ``cls`` with ``module``'s constructor words (``overrides`` win; words ``cls`` does not take are
+    dropped), on its device and dtype, holding copies of every parameter the two share by name and shape."""
     cfg = {**module.config, **overrides}
-    if cls is not MoHAttention:
-        for key in ("num_shared_heads", "top_k", "router", "normalize", "aux_loss_form", "keep_window", "bias_form"):
-            cfg.pop(key, None)
+    # subclasses pass their extra keywords on to SoftmaxAttentionBase, so either signature may take a word
+    accepted = set(inspect.signature(cls.__init__).parameters) | set(inspect.signature(SoftmaxAttentionBase.__init__).parameters)
+    cfg = {k: v for k, v in cfg.items() if k in accepted}
     if isinstance(cfg.get("rope"), nn.Module):
         cfg["rope"] = copy.deepcopy(cfg["rope"])
     p = next(module.parameters())

@@ -137,3 +137,11 @@ def test_triton_device_reasons():
     assert backends.triton_device_reasons(torch.device("meta"))  # never runnable on meta
     if backends.triton_importable():
         assert backends.triton_device_reasons(torch.device("cuda")) == []
+
+
+def test_auto_on_cuda_warns_even_when_only_the_reference_exists(toy_op, monkeypatch):
+    """An op with no fast implementation yet must not run the reference on CUDA silently."""
+    backends.register(toy_op, "reference", priority=0)(lambda **kw: "ref")
+    monkeypatch.setattr(backends, "_device_of", lambda inputs: torch.device("cuda"))
+    with pytest.warns(UserWarning, match="no triton implementation"):
+        assert backends.select(toy_op, "auto", x=1).backend == "reference"

@@ -7,6 +7,7 @@ from torch import nn
 
 import attnzoo
 from attnzoo import MoHAttention, MultiHeadAttention
+from attnzoo import convert
 from attnzoo.convert import fold, mha_to_gqa, mha_to_moh, mha_to_wgqa, swap_modules
 
 DIM, H, D = 32, 4, 8
@@ -234,3 +235,17 @@ def test_converter_errors_name_the_argument():
     with pytest.raises(attnzoo.InputError) as e:
         mha_to_moh(mha(), num_shared_heads=1, top_k=4)
     assert "top_k" in str(e.value)
+
+
+def test_folded_kha_is_a_plain_mha_that_converts():
+    folded = convert.fold(attnzoo.KnockingHeadsAttention(64, 4))
+    assert type(folded) is attnzoo.MultiHeadAttention
+    x = torch.randn(1, 5, 64)
+    assert convert.mha_to_gqa(folded, 2)(x).shape == x.shape
+
+
+def test_dma_is_not_silently_converted():
+    dma = attnzoo.DynamicMaskAttention(64, 4, keep_window=3, bias_form="exp")
+    for fn in (lambda m: convert.mha_to_gqa(m, 2), lambda m: convert.mha_to_wgqa(m, 2), lambda m: convert.mha_to_moh(m, 1, 2)):
+        with pytest.raises(attnzoo.InputError, match="^module"):
+            fn(dma)

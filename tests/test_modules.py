@@ -5,6 +5,9 @@ interface: forward + backward on CPU, key padding, and cached decoding equal to 
 import pytest
 import torch
 
+import copy
+
+import attnzoo
 from attnzoo import DynamicMaskAttention, KnockingHeadsAttention, MoHAttention, MultiHeadAttention
 
 DIM, H = 32, 4
@@ -200,3 +203,29 @@ def test_non_causal_module_sees_the_future():
     mc = MultiHeadAttention(DIM, H, causal=True)
     with torch.no_grad():
         torch.testing.assert_close(mc(x)[:, :-1], mc(x2)[:, :-1], atol=0, rtol=0)
+
+
+def test_rope_frequencies_stay_fp32_after_module_cast():
+    """module.to(bfloat16) must not round the rotary frequencies (an O(1) error at long positions)."""
+    m32 = attnzoo.MultiHeadAttention(64, 4, rope=True)
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    x = torch.randn(1, 4, 4, 16)
+    pos = torch.arange(4000, 4004)[None]
+    want = m32.rope(x, pos).to(torch.bfloat16)
+    got = m16.rope(x.to(torch.bfloat16), pos)
+    assert (got.float() - want.float()).abs().max() < 0.05
+
+
+def test_failed_call_leaves_the_cache_unchanged():
+    m = attnzoo.MultiHeadAttention(32, 4, backend="cuda")  # cannot run here: the call fails after projecting
+    cache = m.new_cache(1)
+    with pytest.raises(attnzoo.BackendUnavailableError):
+        m(torch.randn(1, 3, 32), cache=cache)
+    assert cache.seq_len == 0
+
+
+def test_cache_of_another_kind_is_rejected():
+    m = attnzoo.MultiHeadAttention(32, 4)
+    other = attnzoo.LightningAttention(32, 4).new_cache(1)
+    with pytest.raises(attnzoo.InputError, match="^cache"):
+        m(torch.randn(1, 3, 32), cache=other)

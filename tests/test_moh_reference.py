@@ -294,3 +294,10 @@ def test_qnorm_router_scores_queries_before_qk_norm():
     norms = m.q_proj(x).view(B, T, H, -1)[:, :, hs:].norm(dim=-1)
     want = torch.zeros_like(norms, dtype=torch.bool).scatter(-1, norms.topk(k, -1).indices, True)
     assert torch.equal(m.last_gates[..., hs:] == 1, want)
+
+
+def test_topk_ties_go_to_the_lower_head():
+    from attnzoo.ops.moh.router import topk_mask
+
+    mask = topk_mask(torch.zeros(3, 6), 3)
+    assert mask.tolist() == [[True, True, True, False, False, False]] * 3

@@ -25,7 +25,7 @@ from attnzoo.modules.knocking import KnockingHeads
 from attnzoo.modules.rope import RotaryEmbedding
 from attnzoo.ops.attention.api import attention
 from attnzoo.ops.knocking.reference import fold_linear_into_proj
-from attnzoo.ops.validate import shape_str
+from attnzoo.ops.validate import MAX_HEAD_DIM, shape_str
 
 
 def resolve_heads(dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int]) -> Tuple[int, int]:
@@ -41,8 +41,8 @@ def resolve_heads(dim: int, num_heads: int, num_kv_heads: Optional[int], head_di
         if dim % num_heads:
             raise InputError(f"head_dim: dim={dim} is not divisible by num_heads={num_heads}; pass head_dim")
         head_dim = dim // num_heads
-    if not (isinstance(head_dim, int) and 1 <= head_dim <= 256):
-        raise InputError(f"head_dim: {head_dim!r} is not supported; attnzoo supports head dims 1..256")
+    if not (isinstance(head_dim, int) and 1 <= head_dim <= MAX_HEAD_DIM):
+        raise InputError(f"head_dim: {head_dim!r} is not supported; attnzoo supports head dims 1..{MAX_HEAD_DIM}")
     return num_kv_heads, head_dim
 
 
@@ -76,8 +76,11 @@ def check_call(x, dim, key_padding_mask, position_ids, cache):
             raise InputError(f"key_padding_mask: is on {key_padding_mask.device} but x is on {x.device}")
     if position_ids is not None and tuple(position_ids.shape) not in ((B, T), (T,)):
         raise InputError(f"position_ids: expected ({B}, {T}) or ({T},), got {shape_str(position_ids)}")
-    if cache is not None and getattr(cache, "batch_size", B) != B:
-        raise InputError(f"cache: made for batch size {cache.batch_size}, x has batch {B}")
+    if cache is not None:
+        if not isinstance(cache, KVCache):
+            raise InputError(f"cache: expected the KVCache this module's new_cache() makes, got {type(cache).__name__}")
+        if cache.batch_size != B:
+            raise InputError(f"cache: made for batch size {cache.batch_size}, x has batch {B}")
 
 
 def positions_for(x: torch.Tensor, position_ids, cache) -> torch.Tensor:
@@ -214,9 +217,16 @@ class SoftmaxAttentionBase(nn.Module):
         q, k, v, q_raw = self.project(x, positions_for(x, position_ids, cache))
         extras = self._key_extras(x, k, v)
         query_mask = key_padding_mask
-        if cache is not None:
-            k, v, key_padding_mask, extras = cache.update(k, v, key_padding_mask, **extras)
-        o = self._attend(x, q, k, v, key_padding_mask, extras, query_mask, q_raw)
+        if cache is None:
+            o = self._attend(x, q, k, v, key_padding_mask, extras, query_mask, q_raw)
+        else:
+            mark = cache.checkpoint()
+            try:
+                k, v, key_padding_mask, extras = cache.update(k, v, key_padding_mask, **extras)
+                o = self._attend(x, q, k, v, key_padding_mask, extras, query_mask, q_raw)
+            except BaseException:
+                cache.restore(mark)  # a failed call leaves the cache as it was
+                raise
         return self.o_proj(o.reshape(B, T, self.num_heads * o.shape[-1]))
 
     def _key_extras(self, x, k, v) -> dict:

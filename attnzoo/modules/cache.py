@@ -12,6 +12,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from attnzoo.errors import InputError
+
 
 class KVCache:
     def __init__(self, batch_size: int):
@@ -41,7 +43,7 @@ class KVCache:
         per-key extras ``[B, T, ...]``; return everything cached so far."""
         B, T = k.shape[:2]
         if B != self.batch_size:
-            raise ValueError(f"cache: made for batch size {self.batch_size}, got a batch of {B}")
+            raise InputError(f"cache: made for batch size {self.batch_size}, got a batch of {B}")
         k_all = self._append("k", k)
         v_all = self._append("v", v)
         if key_padding_mask is None:
@@ -52,6 +54,14 @@ class KVCache:
         extras_all = {name: self._append(name, t) for name, t in extras.items()}
         self.seq_len += T
         return k_all, v_all, (kpm_all if self._has_padding else None), extras_all
+
+    def checkpoint(self):
+        """A mark to :meth:`restore` if a call fails after it appended (the buffers past ``seq_len`` are
+        simply overwritten later)."""
+        return self.seq_len, self._has_padding
+
+    def restore(self, mark) -> None:
+        self.seq_len, self._has_padding = mark
 
     def reset(self) -> None:
         self.seq_len = 0

@@ -17,3 +17,11 @@ class KnockingHeadsAttention(MultiHeadAttention):
             raise InputError("knocking: KnockingHeadsAttention needs 'linear' or 'mlp' (use MultiHeadAttention for none)")
         super().__init__(dim, num_heads, num_kv_heads, head_dim, causal, qkv_bias, qk_norm, rope, knocking,
                          backend, device, dtype, **kwargs)
+
+    def fold(self):
+        """As ``MultiHeadAttention.fold``; once no knocking is left the result is a plain
+        ``MultiHeadAttention`` (which is what it computes)."""
+        new = super().fold()
+        if new.knocking is None:
+            new.__class__ = MultiHeadAttention
+        return new

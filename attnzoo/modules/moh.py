@@ -22,7 +22,8 @@ class MoHAttention(SoftmaxAttentionBase):
 
     Extra args: ``num_shared_heads`` (default ``num_heads // 4``), ``top_k`` (default half the routed
     heads, at least 1), ``router`` ``"learned"`` (``router_routed [h_r, dim]``, ``router_shared
-    [h_s, dim]``, ``router_mix [2, dim]``, zero-initialised so that every active gate starts at exactly 1)
+    [h_s, dim]``, ``router_mix [2, dim]``, zero-initialised: with ``normalize="code"`` every active gate
+    starts at exactly 1; with ``"paper"`` at ``a * softmax``, e.g. ``1/2 * 1/h_s`` for shared heads)
     or ``"qnorm"`` (parameter-free, binary gates, straight-through), ``normalize`` ``"code"`` (default) or
     ``"paper"``, ``aux_loss_form`` ``"code"`` (default, ``h_r sum P f``) or ``"paper"``.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attnzoo.errors import InputError
+
 
 class RotaryEmbedding(nn.Module):
     """Rotates pairs ``(x[..., i], x[..., i + rot/2])`` of the first ``rotary_dim`` channels by
@@ -15,14 +17,18 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
         if self.rotary_dim % 2 or self.rotary_dim > head_dim:
-            raise ValueError(f"rotary_dim: must be even and <= head_dim={head_dim}, got {self.rotary_dim}")
+            raise InputError(f"rotary_dim: must be even and <= head_dim={head_dim}, got {self.rotary_dim}")
         self.base = float(base)
-        inv = 1.0 / (self.base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
-        self.register_buffer("inv_freq", inv.float(), persistent=False)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        """``base^(-2i/rotary_dim)`` in fp32, made on each call: no buffer that ``module.to(bfloat16)``
+        could round (bf16 frequencies put rotations at long positions off by O(1))."""
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
+        return 1.0 / (self.base ** exponents)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rot = self.rotary_dim
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(x.device)  # [B, T, rot/2]
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq(x.device)  # [B, T, rot/2]
         cos = torch.cos(angles)[:, :, None, :]
         sin = torch.sin(angles)[:, :, None, :]
         xf = x[..., :rot].float()

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from attnzoo.errors import InputError
 from attnzoo.ops.attention.reference import attention_reference, visibility
 
 BIAS_FORMS = ("linear", "exp")
@@ -22,7 +23,7 @@ def dma_bias(dt: torch.Tensor, A: torch.Tensor, bias_form: str = "linear") -> to
     :func:`attnzoo.dynamic_mask_attention`, which takes ``[B, Hkv, Tk]``):
     ``A softplus(dt)`` (``"linear"``, the current form) or ``exp(A softplus(dt))`` (``"exp"``, the original)."""
     if bias_form not in BIAS_FORMS:
-        raise ValueError(f"bias_form: expected one of {BIAS_FORMS}, got {bias_form!r}")
+        raise InputError(f"bias_form: expected one of {BIAS_FORMS}, got {bias_form!r}")
     dt = dt.double() if dt.dtype == torch.float64 else dt.float()  # fp32, fp64 stays fp64
     # softplus as logaddexp(dt, 0): same values; its backward keeps strides that torch.compile's
     # aot_eager tracing agrees with (aten.softplus_backward's output strides did not)
@@ -48,12 +49,18 @@ def dma_keep_mask(bias: torch.Tensor, visible: Optional[torch.Tensor], keep_wind
     return keep & vis
 
 
-def dynamic_mask_attention_reference(
-    q, k, v, bias, *, keep_window, causal=True, scale=None, key_padding_mask=None
-):
+def dma_selection(q, k, bias, keep_window, causal, key_padding_mask) -> torch.Tensor:
+    """The kept keys ``[B, Hb, Tq, Tk]`` bool of every query row: the top ``keep_window`` by ``bias`` among
+    the keys the row may see (causal bottom-right, key padding)."""
     B, Tq, H, _ = q.shape
     Tk = k.shape[1]
     vis = visibility(B, H, Tq, Tk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     vis = None if vis is None else vis.expand(B, 1, Tq, Tk)  # causal/padding masks do not depend on the head
-    keep = dma_keep_mask(bias, vis, keep_window, Tq)
+    return dma_keep_mask(bias, vis, keep_window, Tq)
+
+
+def dynamic_mask_attention_reference(
+    q, k, v, bias, *, keep_window, causal=True, scale=None, key_padding_mask=None
+):
+    keep = dma_selection(q, k, bias, keep_window, causal, key_padding_mask)
     return attention_reference(q, k, v, scale=scale, bias=bias[:, :, None, :], mask=keep)

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from attnzoo.errors import InputError
+
 NORMALIZE = ("code", "paper")
 
 
@@ -24,8 +26,9 @@ class RouterOutput:
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` largest entries of the last dim (ties: lower index, as ``torch.topk``)."""
-    idx = scores.topk(k, dim=-1).indices
+    """Bool mask of the ``k`` largest entries of the last dim; ties go to the lower index (a stable sort:
+    ``torch.topk`` leaves ties unspecified, and at init every router logit ties)."""
+    idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
 
 
@@ -57,7 +60,7 @@ def learned_router(
     - ``"paper"``: routed gate = ``a2 p_i``, shared gate = ``a1 softmax(W_s x)_i``, ``[a1, a2] = softmax(W_h x)``.
     """
     if normalize not in NORMALIZE:
-        raise ValueError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
+        raise InputError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
     code = normalize == "code"
     xf = x.float()
     parts = []
