@@ -139,6 +139,20 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_tensor_reasons(t: torch.Tensor, name: str = "inputs") -> List[str]:
+    """Why the Triton kernels cannot take ``t`` here: device, dtype (fp16/bf16/fp32), and bf16 under the
+    CPU interpreter (whose bf16 ``tl.dot`` is wrong). Empty if they can."""
+    reasons = list(triton_device_reasons(t.device))
+    if t.dtype not in KERNEL_DTYPES:
+        reasons.append(f"{name}: dtype {t.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
+    elif t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        reasons.append("bfloat16 tl.dot is wrong under the Triton CPU interpreter; run bfloat16 on a GPU")
+    return reasons
+
+
 def triton_device_reasons(device: torch.device) -> List[str]:
     """Why Triton kernels cannot run on ``device`` here (empty if they can)."""
     if not triton_importable():

@@ -45,46 +45,39 @@ def _rebuild(module: SoftmaxAttentionBase, cls, **overrides) -> SoftmaxAttention
     return new
 
 
-def _pool_heads(t: torch.Tensor, H: int, Hkv: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``t [H*D, ...]`` (a projection's weight or bias) -> ``[Hkv*D, ...]``: weighted sum over each
-    contiguous group of ``H/Hkv`` heads (``weights [H]``; default the mean)."""
-    g = H // Hkv
-    v = t.reshape(Hkv, g, -1, *t.shape[1:])
-    w = torch.full((H,), 1.0 / g, dtype=t.dtype, device=t.device) if weights is None else weights.to(t.dtype)
-    w = w.view(Hkv, g, *([1] * (v.dim() - 2)))
-    return (v * w).sum(1).reshape(-1, *t.shape[1:])
-
-
-@torch.no_grad()
-def mha_to_gqa(module: SoftmaxAttentionBase, num_kv_heads: int) -> SoftmaxAttentionBase:
-    """MHA -> GQA (MQA with ``num_kv_heads=1``): mean-pool the key and value projections (weights and
-    biases) of each contiguous group of ``H / num_kv_heads`` heads (arXiv 2305.13245). Uptrain after."""
-    _check_source(module, "mha_to_gqa")
+def _check_mha(module: SoftmaxAttentionBase, num_kv_heads: int, what: str) -> None:
+    _check_source(module, what)
     H = module.num_heads
     if module.num_kv_heads != H or module.kv_weights is not None:
-        raise InputError(f"module: mha_to_gqa needs an MHA module (num_kv_heads == num_heads), got {module.num_kv_heads} kv heads")
+        raise InputError(f"module: {what} needs an MHA module (num_kv_heads == num_heads), got {module.num_kv_heads} kv heads of {H}")
     if not (isinstance(num_kv_heads, int) and num_kv_heads >= 1 and H % num_kv_heads == 0):
         raise InputError(f"num_kv_heads: {num_kv_heads!r} must be a positive divisor of num_heads={H}")
-    new = _rebuild(module, type(module), num_kv_heads=num_kv_heads)
-    for name in ("k_proj", "v_proj"):
-        src, dst = getattr(module, name), getattr(new, name)
-        dst.weight.copy_(_pool_heads(src.weight, H, num_kv_heads))
-        if src.bias is not None:
-            dst.bias.copy_(_pool_heads(src.bias, H, num_kv_heads))
-    return new
 
 
 @torch.no_grad()
 def mha_to_wgqa(module: SoftmaxAttentionBase, num_kv_heads: int) -> SoftmaxAttentionBase:
     """MHA -> WGQA (arXiv 2407.10855): keep every head's K/V projection and learn one scalar per head and
     kind, initialised to ``Hkv/H`` (exactly mean pooling). ``fold()`` afterwards gives plain GQA."""
-    _check_source(module, "mha_to_wgqa")
-    H = module.num_heads
-    if module.num_kv_heads != H or module.kv_weights is not None:
-        raise InputError(f"module: mha_to_wgqa needs an MHA module, got {module.num_kv_heads} kv heads of {H}")
-    if not (isinstance(num_kv_heads, int) and num_kv_heads >= 1 and H % num_kv_heads == 0):
-        raise InputError(f"num_kv_heads: {num_kv_heads!r} must be a positive divisor of num_heads={H}")
+    _check_mha(module, num_kv_heads, "mha_to_wgqa")
     return _rebuild(module, type(module), num_kv_heads=num_kv_heads, kv_weights="wgqa")
+
+
+@torch.no_grad()
+def mha_to_gqa(module: SoftmaxAttentionBase, num_kv_heads: int) -> SoftmaxAttentionBase:
+    """MHA -> GQA (MQA with ``num_kv_heads=1``): mean-pool the key and value projections (weights and
+    biases) of each contiguous group of ``H / num_kv_heads`` heads (arXiv 2305.13245). Uptrain after.
+    Knocking (if any) is kept as it is: only the projections change."""
+    _check_mha(module, num_kv_heads, "mha_to_gqa")
+    new = _rebuild(module, type(module), num_kv_heads=num_kv_heads)
+    # the mean is WGQA's mixing at its initialisation: let the module compute it
+    wgqa = _rebuild(module, type(module), num_kv_heads=num_kv_heads, kv_weights="wgqa")
+    for name in ("k", "v"):
+        w, b = wgqa._kv_weight(getattr(wgqa, f"{name}_proj"), getattr(wgqa, f"{name}_mix"))
+        dst = getattr(new, f"{name}_proj")
+        dst.weight.copy_(w)
+        if b is not None:
+            dst.bias.copy_(b)
+    return new
 
 
 def fold(module: SoftmaxAttentionBase) -> SoftmaxAttentionBase:

@@ -181,7 +181,7 @@ def test_api_triton_backend_and_supports():
     assert any("autograd" in r for r in triton_backend._supports_decode(q=qg, k=k, v=v, state=S0, decay=s, scale=1.0))
     if DEVICE == "cpu":
         qb = q.bfloat16()
-        assert any("bf16" in r for r in triton_backend._supports_chunk(q=qb, k=qb, v=qb, decay=None, **kw))
+        assert any("bfloat16" in r for r in triton_backend._supports_chunk(q=qb, k=qb, v=qb, decay=None, **kw))
 
 
 def test_torch_compile_fullgraph_traces_custom_ops():

@@ -61,7 +61,8 @@ def make_rope(rope, head_dim: int) -> Optional[RotaryEmbedding]:
     raise InputError(f"rope: expected None, True, a base (float) or a RotaryEmbedding, got {type(rope).__name__}")
 
 
-def check_call(x, dim, key_padding_mask, position_ids, cache):
+def check_call(x, dim, key_padding_mask, position_ids, cache, cache_type=None):
+    """The common call's inputs; ``cache`` must be a ``cache_type`` (default :class:`KVCache`)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
         got = shape_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InputError(f"x: expected [batch, seq, dim={dim}], got {got}")
@@ -77,8 +78,11 @@ def check_call(x, dim, key_padding_mask, position_ids, cache):
     if position_ids is not None and tuple(position_ids.shape) not in ((B, T), (T,)):
         raise InputError(f"position_ids: expected ({B}, {T}) or ({T},), got {shape_str(position_ids)}")
     if cache is not None:
-        if not isinstance(cache, KVCache):
-            raise InputError(f"cache: expected the KVCache this module's new_cache() makes, got {type(cache).__name__}")
+        cache_type = cache_type or KVCache
+        if not isinstance(cache, cache_type):
+            raise InputError(
+                f"cache: expected the {cache_type.__name__} this module's new_cache() makes, got {type(cache).__name__}"
+            )
         if cache.batch_size != B:
             raise InputError(f"cache: made for batch size {cache.batch_size}, x has batch {B}")
 

@@ -92,6 +92,7 @@ class LightningAttention(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        *,
         decay: Union[str, float, torch.Tensor, None] = "alibi",
         layer_idx: int = 0,
         num_layers: int = 1,
@@ -156,7 +157,7 @@ class LightningAttention(nn.Module):
         ``position_ids`` is accepted for interface compatibility and has no effect (positions enter only
         through the decay). With ``cache`` the tokens continue from the cache's state, which is updated.
         """
-        check_call(x, self.dim, key_padding_mask, position_ids, cache)
+        check_call(x, self.dim, key_padding_mask, position_ids, cache, LightningCache)
         if cache is not None and not isinstance(cache, LightningCache):
             raise InputError(f"cache: expected a LightningCache (module.new_cache(batch_size)), got {type(cache).__name__}")
         B, T, _ = x.shape

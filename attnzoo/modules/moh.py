@@ -10,7 +10,8 @@ from torch import nn
 from attnzoo.errors import InputError
 from attnzoo.modules.base import SoftmaxAttentionBase
 from attnzoo.ops.moh.api import moh_attention
-from attnzoo.ops.moh.router import NORMALIZE, learned_router, load_balance_loss, qnorm_router
+from attnzoo.ops.moh.router import NORMALIZE, load_balance_loss, qnorm_router, router_logits
+from attnzoo.ops.moh.router_api import moh_router
 
 ROUTERS = ("learned", "qnorm")
 
@@ -85,7 +86,9 @@ class MoHAttention(SoftmaxAttentionBase):
         """Gates ``[B, T, H]`` for the block input ``x`` (learned) or the queries ``q`` before QK-norm and
         RoPE (qnorm)."""
         if self.router == "learned":
-            out = learned_router(x, self.router_routed, self.router_shared, self.router_mix, self.top_k, self.normalize)
+            logits = router_logits(x, self.router_routed, self.router_shared, self.router_mix)
+            backend = "auto" if self.backend == "cuda" else self.backend  # no CUDA C++ router: auto picks
+            out = moh_router(*logits, self.top_k, self.normalize, gates_dtype=x.dtype, backend=backend)
         else:
             out = qnorm_router(q, self.num_shared_heads, self.top_k)
         self.aux_loss = (

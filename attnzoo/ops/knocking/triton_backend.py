@@ -13,9 +13,6 @@ import torch
 
 from attnzoo import backends
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _kernels():
     """Import the kernel module (defines the custom ops and registers their autograd)."""
     from attnzoo.ops.knocking import triton_mlp
@@ -24,12 +21,7 @@ def _kernels():
 
 
 def supports_kha_mlp(v, w_up, w_gate, w_down, **_) -> List[str]:
-    reasons = list(backends.triton_device_reasons(v.device))
-    if v.dtype not in KERNEL_DTYPES:
-        reasons.append(f"v dtype {v.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
-    if v.dtype == torch.bfloat16 and v.device.type == "cpu":
-        reasons.append("bfloat16 tl.dot is wrong under the Triton CPU interpreter; run bfloat16 on a GPU")
-    return reasons
+    return backends.triton_tensor_reasons(v, "v")
 
 
 @backends.register("kha_mlp", "triton", priority=10, supports=supports_kha_mlp)

@@ -17,17 +17,8 @@ from attnzoo import backends
 #: chunk length of the chunked kernels; None = the kernels' default (64 on a GPU, 16 in the interpreter)
 CHUNK_SIZE: Optional[int] = None
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _common_reasons(q: torch.Tensor, v: torch.Tensor, decay) -> List[str]:
-    reasons = list(backends.triton_device_reasons(q.device))
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"dtype {q.dtype} is not supported by the Triton kernels (fp16, bf16, fp32)")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        reasons.append("bf16 tl.dot is wrong in the Triton CPU interpreter; run bf16 on a GPU")
-    if q.shape[-1] > 256 or v.shape[-1] > 256:
-        reasons.append(f"head dims up to 256 (got D={q.shape[-1]}, Dv={v.shape[-1]})")
+    reasons = backends.triton_tensor_reasons(q, "q")
     if isinstance(decay, torch.Tensor) and decay.requires_grad and torch.is_grad_enabled():
         reasons.append("gradients w.r.t. decay are not implemented in the Triton kernels (the reference has them)")
     return reasons

@@ -43,6 +43,59 @@ def _scaled_softmax(logits: torch.Tensor, scale: float, keep: Optional[torch.Ten
     return (scale * e) / e.sum(-1, keepdim=True)
 
 
+def router_logits(
+    x: torch.Tensor, w_routed: Optional[torch.Tensor], w_shared: Optional[torch.Tensor], w_mix: Optional[torch.Tensor]
+):
+    """``(x W_r^T, x W_s^T, x W_h^T)`` in fp32 (None for an absent weight): the router's matmuls."""
+    xf = x.float()
+    return tuple(xf @ w.float().t() if w is not None else None for w in (w_routed, w_shared, w_mix))
+
+
+def router_gates(
+    logits_routed: Optional[torch.Tensor],
+    logits_shared: Optional[torch.Tensor],
+    logits_mix: Optional[torch.Tensor],
+    top_k: int,
+    normalize: str = "code",
+    gates_dtype: Optional[torch.dtype] = None,
+) -> RouterOutput:
+    """The learned router after its matmuls: logits ``[B, T, h_r]``, ``[B, T, h_s]``, ``[B, T, 2]`` (None
+    when that kind is absent) -> gates ``[B, T, H]`` (shared first), computed in the logits' precision (at
+    least fp32: fp64 logits give the fp64 reference the kernels are tested against).
+
+    - ``"code"`` (official code, default): routed gate = ``k p_i / sum_topk p``, shared gate =
+      ``h_s softmax(W_s x)_i``, ``[a1, a2] = 2 softmax(W_h x)``: every active gate is exactly 1 at init.
+    - ``"paper"``: routed gate = ``a2 p_i``, shared gate = ``a1 softmax(W_s x)_i``, ``[a1, a2] = softmax(W_h x)``.
+    Top-k ties go to the lower head index (:func:`topk_mask`).
+    """
+    if normalize not in NORMALIZE:
+        raise InputError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
+    code = normalize == "code"
+    present = [t for t in (logits_routed, logits_shared, logits_mix) if t is not None]
+    cd = torch.float32
+    for t in present:
+        cd = torch.promote_types(cd, t.dtype)
+    parts = []
+    a = None
+    if logits_mix is not None:
+        a = torch.softmax(logits_mix.to(cd), dim=-1) * (2.0 if code else 1.0)
+    if logits_shared is not None:
+        hs = logits_shared.shape[-1]
+        g_s = _scaled_softmax(logits_shared.to(cd), hs if code else 1.0)
+        parts.append(g_s * a[..., :1] if a is not None else g_s)
+    ref = logits_routed if logits_routed is not None else logits_shared
+    probs = None
+    selected = torch.zeros(*ref.shape[:2], 0, dtype=torch.bool, device=ref.device)
+    if logits_routed is not None:
+        logits = logits_routed.to(cd)
+        probs = torch.softmax(logits, dim=-1)
+        selected = topk_mask(probs.detach(), top_k)
+        # code: k p_i / sum_topk p_j, computed from the logits so that equal logits give exactly 1
+        g_r = _scaled_softmax(logits, float(top_k), selected) if code else probs * selected
+        parts.append(g_r * a[..., 1:] if a is not None else g_r)
+    return RouterOutput(torch.cat(parts, dim=-1).to(gates_dtype or ref.dtype), probs, selected)
+
+
 def learned_router(
     x: torch.Tensor,
     w_routed: Optional[torch.Tensor],
@@ -51,36 +104,9 @@ def learned_router(
     top_k: int,
     normalize: str = "code",
 ) -> RouterOutput:
-    """Learned router on the block input ``x [B, T, d]``.
-
-    ``w_routed [h_r, d]``, ``w_shared [h_s, d]``, ``w_mix [2, d]`` (only when both kinds exist), no biases.
-
-    - ``"code"`` (official code, default): routed gate = ``k p_i / sum_topk p``, shared gate =
-      ``h_s softmax(W_s x)_i``, ``[a1, a2] = 2 softmax(W_h x)``: every active gate is ~1 at init.
-    - ``"paper"``: routed gate = ``a2 p_i``, shared gate = ``a1 softmax(W_s x)_i``, ``[a1, a2] = softmax(W_h x)``.
-    """
-    if normalize not in NORMALIZE:
-        raise InputError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
-    code = normalize == "code"
-    xf = x.float()
-    parts = []
-    a = None
-    if w_mix is not None:
-        a = torch.softmax(xf @ w_mix.float().t(), dim=-1) * (2.0 if code else 1.0)  # [B, T, 2]
-    if w_shared is not None:
-        hs = w_shared.shape[0]
-        g_s = _scaled_softmax(xf @ w_shared.float().t(), hs if code else 1.0)
-        parts.append(g_s * a[..., :1] if a is not None else g_s)
-    probs = None
-    selected = torch.zeros(*x.shape[:2], 0, dtype=torch.bool, device=x.device)
-    if w_routed is not None:
-        logits = xf @ w_routed.float().t()
-        probs = torch.softmax(logits, dim=-1)  # [B, T, h_r]
-        selected = topk_mask(probs.detach(), top_k)
-        # code: k p_i / sum_topk p_j, computed from the logits so that equal logits give exactly 1
-        g_r = _scaled_softmax(logits, float(top_k), selected) if code else probs * selected
-        parts.append(g_r * a[..., 1:] if a is not None else g_r)
-    return RouterOutput(torch.cat(parts, dim=-1).to(x.dtype), probs, selected)
+    """Learned router on the block input ``x [B, T, d]``: :func:`router_logits` then :func:`router_gates`.
+    ``w_routed [h_r, d]``, ``w_shared [h_s, d]``, ``w_mix [2, d]`` (only when both kinds exist), no biases."""
+    return router_gates(*router_logits(x, w_routed, w_shared, w_mix), top_k, normalize, gates_dtype=x.dtype)
 
 
 def qnorm_router(q: torch.Tensor, num_shared: int, top_k: int) -> RouterOutput:

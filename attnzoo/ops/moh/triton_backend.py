@@ -12,15 +12,8 @@ import torch
 
 from attnzoo import backends
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def supports_moh(q, k, v, gates, **_) -> List[str]:
-    reasons = list(backends.triton_device_reasons(q.device))
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        reasons.append("bfloat16 tl.dot is wrong under the Triton CPU interpreter; run bfloat16 on a GPU")
+    reasons = backends.triton_tensor_reasons(q, "q")
     if not gates.is_floating_point() or gates.dtype == torch.float64:
         reasons.append(f"gates dtype {gates.dtype} is not supported (float16, bfloat16, float32)")
     return reasons

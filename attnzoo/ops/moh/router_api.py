@@ -1,0 +1,168 @@
+"""``moh_router`` and ``moh_pack_rows``: the MoH learned router on precomputed logits, and the packing of
+the active ``(token, head)`` rows for the head-sparse kernels (SPEC §3), each with ``backend="auto"``.
+
+The router's matmuls stay in torch (cuBLAS): :func:`router_logits` computes them exactly as
+:func:`attnzoo.ops.moh.router.learned_router` does; :func:`moh_router` does the rest (softmaxes, top-k,
+renormalisation, mix) -- the "triton" backend in one kernel per direction
+(:mod:`attnzoo.ops.moh.triton_router`, imported only when it runs).
+
+Backends: ``"reference"`` (PyTorch, any device, priority 0) and ``"triton"`` (priority 10), registered here.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from attnzoo import backends
+from attnzoo.errors import InputError
+from attnzoo.ops import validate as V
+from attnzoo.ops.moh.packing import PackedRows, pack_active_rows
+from attnzoo.ops.moh.router import NORMALIZE, RouterOutput, router_gates, router_logits  # noqa: F401
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADS = 256  # per kind (routed or shared) in the Triton router: one register tile per token block
+
+
+# the reference is the library's router math itself
+moh_router_reference = router_gates
+
+
+@backends.register("moh_router", "reference", priority=0)
+def _router_reference_backend(**kw):
+    return moh_router_reference(**kw)
+
+
+def _router_device(logits_routed, logits_shared, **_):
+    return (logits_routed if logits_routed is not None else logits_shared).device
+
+
+def supports_router_triton(logits_routed, logits_shared, logits_mix, gates_dtype=None, **_) -> List[str]:
+    reasons = list(backends.triton_device_reasons(_router_device(logits_routed, logits_shared)))
+    for name, t in (("logits_routed", logits_routed), ("logits_shared", logits_shared), ("logits_mix", logits_mix)):
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            reasons.append(f"{name} dtype {t.dtype} is not supported by the Triton router (float16, bfloat16, float32)")
+        if t is not None and name != "logits_mix" and t.shape[-1] > MAX_HEADS:
+            reasons.append(f"{name} has {t.shape[-1]} heads; the Triton router handles at most {MAX_HEADS} per kind")
+    if gates_dtype is not None and gates_dtype not in KERNEL_DTYPES:
+        reasons.append(f"gates_dtype {gates_dtype} is not supported by the Triton router (float16, bfloat16, float32)")
+    return reasons
+
+
+@backends.register("moh_router", "triton", priority=10, supports=supports_router_triton)
+def _router_triton_backend(logits_routed, logits_shared, logits_mix, top_k, normalize="code", gates_dtype=None):
+    from attnzoo.ops.moh import triton_router
+
+    ref = logits_routed if logits_routed is not None else logits_shared
+    gates, probs, selected = triton_router.moh_router_fwd(
+        logits_routed, logits_shared, logits_mix, int(top_k) if logits_routed is not None else 0,
+        normalize == "code", gates_dtype or ref.dtype,
+    )
+    return RouterOutput(gates, probs if logits_routed is not None else None, selected)
+
+
+def _check_logits(name: str, t: Optional[torch.Tensor], BT: Optional[Tuple[int, int]]):
+    if t is None:
+        return BT
+    V.check_tensor(name, t, ranks=(3,))
+    if BT is not None and tuple(t.shape[:2]) != BT:
+        raise InputError(f"{name}: expected leading dims [B, T] = {BT}, got {V.shape_str(t)}")
+    return tuple(t.shape[:2])
+
+
+def moh_router(
+    logits_routed: Optional[torch.Tensor],
+    logits_shared: Optional[torch.Tensor] = None,
+    logits_mix: Optional[torch.Tensor] = None,
+    top_k: int = 1,
+    normalize: str = "code",
+    *,
+    gates_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> RouterOutput:
+    """MoH learned router (SPEC §3) from its logits: gates, router probabilities and the top-k selection.
+
+    Inputs (any strides; float16/bfloat16/float32, float64 on the reference backend):
+
+    - ``logits_routed [B, T, h_r]`` = ``x W_r^T`` or None (no routed heads);
+    - ``logits_shared [B, T, h_s]`` = ``x W_s^T`` or None (no shared heads); at least one of the two;
+    - ``logits_mix [B, T, 2]`` = ``x W_h^T`` or None (no mix; the module has one iff both kinds exist);
+    - ``top_k`` in ``[1, h_r]``; ``normalize`` ``"code"`` (default) or ``"paper"``.
+
+    Returns :class:`attnzoo.ops.moh.router.RouterOutput`: ``gates [B, T, h_s + h_r]`` (shared then routed,
+    0 for unselected routed heads; dtype ``gates_dtype``, default the logits'), ``probs [B, T, h_r]``
+    (routed softmax, fp32 or wider; None without routed heads) and ``selected [B, T, h_r]`` (bool), the
+    inputs of :func:`attnzoo.ops.moh.router.load_balance_loss`. ``gates`` and ``probs`` are
+    differentiable w.r.t. the logits. Top-k ties go to the lower head index; equal logits give gates of
+    exactly 1 (``"code"``). :func:`router_logits` computes the logits.
+    """
+    if normalize not in NORMALIZE:
+        raise InputError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
+    if logits_routed is None and logits_shared is None:
+        raise InputError("logits_routed, logits_shared: at least one must be given (a router needs heads)")
+    BT = _check_logits("logits_routed", logits_routed, None)
+    BT = _check_logits("logits_shared", logits_shared, BT)
+    _check_logits("logits_mix", logits_mix, BT)
+    if logits_mix is not None and logits_mix.shape[-1] != 2:
+        raise InputError(f"logits_mix: expected [B, T, 2] (a1, a2), got {V.shape_str(logits_mix)}")
+    for name, t in (("logits_routed", logits_routed), ("logits_shared", logits_shared)):
+        if t is not None and t.shape[-1] == 0:
+            raise InputError(f"{name}: has 0 heads; pass None instead")
+    present = [(n, t) for n, t in (("logits_routed", logits_routed), ("logits_shared", logits_shared),
+                                   ("logits_mix", logits_mix)) if t is not None]
+    V.check_same([n for n, _ in present], [t for _, t in present], dtype=False)
+    if logits_routed is not None:
+        hr = logits_routed.shape[-1]
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= hr:
+            raise InputError(f"top_k: expected an int in [1, routed heads={hr}], got {top_k!r}")
+    if gates_dtype is not None and not (isinstance(gates_dtype, torch.dtype) and gates_dtype.is_floating_point):
+        raise InputError(f"gates_dtype: expected a floating-point torch.dtype, got {gates_dtype!r}")
+    return backends.dispatch(
+        "moh_router", backend, logits_routed=logits_routed, logits_shared=logits_shared, logits_mix=logits_mix,
+        top_k=top_k, normalize=normalize, gates_dtype=gates_dtype,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing
+
+
+def _pack_reference(gates: torch.Tensor, block_m: int, num_shared: int = 0) -> PackedRows:
+    if num_shared:
+        gates = gates.clone()
+        gates[..., :num_shared] = 1  # shared heads are always active
+    return pack_active_rows(gates, block_m)
+
+
+@backends.register("moh_pack_rows", "reference", priority=0)
+def _pack_reference_backend(gates, block_m, num_shared=0):
+    return _pack_reference(gates, block_m, num_shared)
+
+
+def supports_pack_triton(gates, **_) -> List[str]:
+    reasons = list(backends.triton_device_reasons(gates.device))
+    if gates.dtype not in KERNEL_DTYPES + (torch.float64,):
+        reasons.append(f"gates dtype {gates.dtype} is not supported by the Triton packing kernel")
+    return reasons
+
+
+@backends.register("moh_pack_rows", "triton", priority=10, supports=supports_pack_triton)
+def _pack_triton_backend(gates, block_m, num_shared=0):
+    from attnzoo.ops.moh import triton_router
+
+    return triton_router.pack_active_rows_triton(gates, block_m, num_shared)
+
+
+def moh_pack_rows(gates: torch.Tensor, block_m: int, num_shared: int = 0, *, backend: str = "auto") -> PackedRows:
+    """Per ``(b, h)`` the sorted positions of its active tokens and the flattened tile schedule
+    (:class:`attnzoo.ops.moh.packing.PackedRows`, see :mod:`attnzoo.ops.moh.packing`) from ``gates [B, T, H]``
+    (0 = inactive). The first ``num_shared`` heads count as active on every token (``rows = arange(T)``,
+    ``counts = T``) whatever their gate. No host sync."""
+    V.check_tensor("gates", gates, ranks=(3,))
+    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1:
+        raise InputError(f"block_m: expected a positive int, got {block_m!r}")
+    H = gates.shape[-1]
+    if isinstance(num_shared, bool) or not isinstance(num_shared, int) or not 0 <= num_shared <= H:
+        raise InputError(f"num_shared: expected an int in [0, H={H}], got {num_shared!r}")
+    return backends.dispatch("moh_pack_rows", backend, gates=gates, block_m=block_m, num_shared=num_shared)
