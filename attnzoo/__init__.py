@@ -26,3 +26,12 @@ from attnzoo.modules.lightning import LightningAttention, LightningCache
 from attnzoo.modules.moh import MoHAttention
 from attnzoo.modules.rope import RotaryEmbedding
 from attnzoo import convert
+from attnzoo.cli import info
+
+__all__ = [
+    "attention", "attention_with_kvcache", "lightning_attention", "lightning_decode", "moh_attention",
+    "dynamic_mask_attention", "kha_mlp", "decay_rates",
+    "MultiHeadAttention", "MoHAttention", "KnockingHeadsAttention", "DynamicMaskAttention", "LightningAttention",
+    "KVCache", "LightningCache", "RotaryEmbedding", "BlockMask", "masks", "from_flex", "to_flex",
+    "convert", "info", "backends", "InputError", "BackendUnavailableError",
+]

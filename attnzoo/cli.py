@@ -24,8 +24,8 @@ def _enable_interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def cmd_info(args) -> int:
-    _enable_interpreter_without_gpu()
+def info(print_it: bool = True) -> str:
+    """Versions, devices, and for each op which backends can run here and why not (``attnzoo info``)."""
     import torch
 
     import attnzoo
@@ -38,29 +38,42 @@ def cmd_info(args) -> int:
         triton_v = triton.__version__
     except ImportError:
         triton_v = "not installed"
-    print(f"attnzoo  {attnzoo.__version__}")
-    print(f"python   {platform.python_version()}")
-    print(f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
-    print(f"triton   {triton_v}" + (" (CPU interpreter on)" if backends.triton_interpreter_on() else ""))
+    lines = [
+        f"attnzoo  {attnzoo.__version__}",
+        f"python   {platform.python_version()}",
+        f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton   {triton_v}" + (" (CPU interpreter on)" if backends.triton_interpreter_on() else ""),
+    ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"gpu {i}    {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+            lines.append(f"gpu {i}    {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
     else:
-        print("gpu      none (CPU only)")
+        lines.append("gpu      none (CPU only)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"\nbackends on {device} (for a small sample input of each op):")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    lines += ["", f"backends on {device} (for a small sample input of each op):"]
     seen = set()
     for case in all_cases():
         if case.op in seen:
             continue
         seen.add(case.op)
-        inputs = {k: (v.to(device, torch.float16 if device == "cuda" else torch.float32) if hasattr(v, "is_floating_point") and v.is_floating_point() else (v.to(device) if hasattr(v, "to") else v))
-                  for k, v in case.make(__import__("torch").Generator().manual_seed(0)).items()}
-        reasons = backends.why_not(case.op, **_dispatch_kwargs(case, inputs))
-        for b, rs in reasons.items():
-            state = "yes" if not rs else "no:  " + "; ".join(rs)
-            print(f"  {case.op:<24} {b:<10} {state}")
+        inputs = {}
+        for k, v in case.make(torch.Generator().manual_seed(0)).items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, dtype) if v.is_floating_point() else v.to(device)
+            inputs[k] = v
+        for b, rs in backends.why_not(case.op, **_dispatch_kwargs(case, inputs)).items():
+            lines.append(f"  {case.op:<24} {b:<10} " + ("yes" if not rs else "no:  " + "; ".join(rs)))
+    text = "\n".join(lines)
+    if print_it:
+        print(text)
+    return text
+
+
+def cmd_info(args) -> int:
+    _enable_interpreter_without_gpu()
+    info()
     return 0
 
 

@@ -38,3 +38,11 @@ def test_check_exits_nonzero_on_failure(monkeypatch, capsys):
     monkeypatch.setattr(check, "run_checks", broken_rows)
     assert cli.main(["check", "--no-progress"]) == 1
     assert "1 failed" in capsys.readouterr().out
+
+
+def test_info_is_public():
+    import attnzoo
+
+    text = attnzoo.info(print_it=False)
+    assert text.startswith("attnzoo ") and "backends on" in text
+    assert all(hasattr(attnzoo, name) for name in attnzoo.__all__)
