@@ -9,6 +9,7 @@ gradients of every floating input are compared with the float64 reference by SPE
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
@@ -82,7 +83,10 @@ def _attention_cases() -> List[Case]:
 
 def _variant_cases() -> List[Case]:
     from attnzoo.ops.dma.api import dynamic_mask_attention
+    from attnzoo.ops.knocking.api import kha_mlp
+    from attnzoo.ops.lightning.api import lightning_attention
     from attnzoo.ops.moh.api import moh_attention
+    from attnzoo.ops.moh.router_api import moh_router
 
     def moh(g):
         gates = torch.rand(2, 23, 4, generator=g, dtype=torch.float64)
@@ -93,31 +97,24 @@ def _variant_cases() -> List[Case]:
         return dict(q=_r(g, 2, 29, 4, 32), k=_r(g, 2, 29, 2, 32), v=_r(g, 2, 29, 2, 32), bias=_r(g, 2, 2, 29),
                     keep_window=8, causal=True)
 
-    cases = [
+    def lightning(g):
+        return dict(q=_r(g, 2, 37, 2, 32) * 0.3, k=_r(g, 2, 37, 2, 32) * 0.3, v=_r(g, 2, 37, 2, 48),
+                    decay=torch.tensor([0.05, 0.5], dtype=torch.float64))
+
+    def mlp(g):
+        return dict(v=_r(g, 2, 13, 2, 32), w_up=_r(g, 32, 32) * 0.2, w_gate=_r(g, 32, 32) * 0.2,
+                    w_down=_r(g, 32, 32) * 0.2)
+
+    def router(g):
+        return dict(logits_routed=_r(g, 2, 21, 6), logits_shared=_r(g, 2, 21, 2), logits_mix=_r(g, 2, 21, 2), top_k=3)
+
+    return [
         Case("moh_attention", "gqa causal", moh, moh_attention, ("q", "k", "v", "gates")),
+        Case("moh_router", "2 shared + top-3 of 6", router, moh_router, ("logits_routed", "logits_shared", "logits_mix")),
         Case("dynamic_mask_attention", "gqa causal", dma, dynamic_mask_attention, ("q", "k", "v", "bias")),
+        Case("lightning_attention", "decay, Dv != D", lightning, lightning_attention, ("q", "k", "v")),
+        Case("kha_mlp", "random weights", mlp, kha_mlp, ("v", "w_up", "w_gate", "w_down")),
     ]
-    try:
-        from attnzoo.ops.lightning.api import lightning_attention
-
-        def lightning(g):
-            return dict(q=_r(g, 2, 37, 2, 32) * 0.3, k=_r(g, 2, 37, 2, 32) * 0.3, v=_r(g, 2, 37, 2, 48),
-                        decay=torch.tensor([0.05, 0.5], dtype=torch.float64))
-
-        cases.append(Case("lightning_attention", "decay, Dv != D", lightning, lightning_attention, ("q", "k", "v")))
-    except ImportError:
-        pass
-    try:
-        from attnzoo.ops.knocking.api import kha_mlp
-
-        def mlp(g):
-            return dict(v=_r(g, 2, 13, 2, 32), w_up=_r(g, 32, 32) * 0.2, w_gate=_r(g, 32, 32) * 0.2,
-                        w_down=_r(g, 32, 32) * 0.2)
-
-        cases.append(Case("kha_mlp", "random weights", mlp, kha_mlp, ("v", "w_up", "w_gate", "w_down")))
-    except ImportError:
-        pass
-    return cases
 
 
 def all_cases() -> List[Case]:
@@ -125,6 +122,9 @@ def all_cases() -> List[Case]:
 
 
 def _flat(out) -> List[torch.Tensor]:
+    """The tensors an op returned: a tensor, a tuple/list of them, or a dataclass (the router's output)."""
+    if dataclasses.is_dataclass(out):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
     return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
 
 
