@@ -20,7 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import attnzoo  # noqa: E402
 from attnzoo import backends  # noqa: E402
-from attnzoo.errors import BackendUnavailableError  # noqa: E402
+from attnzoo.errors import BackendUnavailableError, InputError  # noqa: E402
 from attnzoo.ops.attention.reference import attention_reference, attention_with_kvcache_reference  # noqa: E402
 from attnzoo.ops.masks import block_mask as bmm  # noqa: E402
 
@@ -130,6 +130,72 @@ def test_bias_and_mask_broadcasts(b, tq, tk, hh, dtype, form, use_bias, use_mask
         mshape = shapes[(form * 7 + 3) % len(shapes)]
         kw["mask"] = torch.rand(mshape, device=DEV) > 0.25
     check_attention(q, k, v, bias=bias, **kw)
+
+
+_FORMS_12 = _bias_shapes(2, 4, 2, 17, 21)  # B=2, H=4, Hkv=2: the 12 forms are all distinct
+# per-query biases shared across batches or across all kv heads also have the in-kernel (looping) strategy
+_DBIAS_CASES = [(f, False) for f in range(12)] + [
+    (f, True) for f, (bb, bh, bq, _) in enumerate(_FORMS_12) if bq == 17 and (bb == 1 or bh == 1)]
+
+
+@pytest.mark.parametrize("form,in_kernel", _DBIAS_CASES,
+                         ids=[f"{_FORMS_12[f]}-{'in_kernel' if i else 'partial'}" for f, i in _DBIAS_CASES])
+def test_dbias_every_broadcast_form(form, in_kernel, monkeypatch):
+    """dbias of each of the 12 forms, by both strategies for a bias shared across batches / kv heads: a
+    small partial buffer summed on the host, or the dK/dV programs looping over the shared dims."""
+    from attnzoo.ops.attention import triton_bwd as BW
+
+    shape = _FORMS_12[form]
+    plan_loop = BW.dbias_plan(shape, torch.float32, 2, 4, 2, 17, 21, partial_max_bytes=0)
+    if in_kernel:
+        assert plan_loop.nb_in * plan_loop.nh_in > 1 and plan_loop.buf_shape == shape
+    monkeypatch.setattr(BW, "DBIAS_PARTIAL_MAX_BYTES", 0 if in_kernel else 1 << 40)
+    torch.manual_seed(form)
+    dtype = (torch.float32, torch.float16)[form % 2]
+    q = _rand(2, 17, 4, 16, dtype=dtype)
+    k, v = _rand(2, 21, 2, 16, dtype=dtype), _rand(2, 21, 2, 16, dtype=dtype)
+    bias = _rand(*shape, dtype=dtype).requires_grad_()
+    got = check_attention(q, k, v, bias=bias, causal=form % 3 == 0, window=(-1, -1) if form % 3 else (9, -1))
+    assert got["dbias"].shape == bias.shape and got["dbias"].dtype == bias.dtype
+
+
+def _backward_allocations(fn):
+    """Bytes of every tensor allocation made while ``fn`` runs (CPU and GPU), from the profiler's memory
+    events (they see allocations inside custom ops and kernels' Python wrappers alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts, profile_memory=True) as prof:
+        out = fn()
+    events = prof.events()
+    dev_attr = "self_device_memory_usage" if events and hasattr(events[0], "self_device_memory_usage") \
+        else "self_cuda_memory_usage"
+    sizes = [n for e in events for n in (e.self_cpu_memory_usage, getattr(e, dev_attr, 0)) if n and n > 0]
+    return out, sizes
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["bias_1x1x1xTk", "bias_BxHxTqxTk"])
+def test_dbias_never_allocates_full_score_buffer(full):
+    """The backward with a trainable bias allocates no fp32 [B, H, Tq, Tk] buffer: a per-key bias costs
+    O(B*H*Tk), a full-shape one only its own dbias (written directly in the bias' dtype)."""
+    torch.manual_seed(12)
+    B, H, Hkv, T, D = 2, 4, 2, 64, 16
+    full_fp32 = B * H * T * T * 4
+    q = _rand(B, T, H, D, dtype=torch.float16).requires_grad_()
+    k, v = (_rand(B, T, Hkv, D, dtype=torch.float16).requires_grad_() for _ in range(2))
+    shape = (B, H, T, T) if full else (1, 1, 1, T)
+    bias = _rand(*shape, dtype=torch.float16).requires_grad_()
+    o = attnzoo.attention(q, k, v, bias=bias, causal=True, backend="triton")
+    do = torch.randn_like(o)
+    grads, sizes = _backward_allocations(lambda: torch.autograd.grad(o, (q, k, v, bias), do))
+    assert grads[3].shape == bias.shape
+    assert any(n >= q.numel() * q.element_size() for n in sizes), "the profiler saw no allocation: hook broken?"
+    if full:
+        assert bias.numel() * bias.element_size() in sizes  # the dbias itself, seen inside the custom op
+        assert max(sizes) < full_fp32, f"an allocation of {max(sizes)} bytes >= B*H*Tq*Tk*4 = {full_fp32}"
+    else:
+        # the largest legitimate allocations are q-sized fp32 temporaries (B*Tq*H*D*4 = full_fp32 / 4)
+        assert max(sizes) < full_fp32 // 2, f"an allocation of {max(sizes)} bytes for a [1,1,1,Tk] bias"
 
 
 def _random_block_mask(B, H, Tq, Tk, bq, bk, with_mod):
@@ -290,15 +356,17 @@ def test_block_mask_never_loads_unlisted_blocks():
 
 
 def test_backward_is_deterministic():
-    """No atomics: dK/dV are summed over the GQA group inside one program, so reruns are bit-identical."""
+    """No atomics: dK/dV (and dbias of a bias shared by the group) are summed over the GQA group inside one
+    program, so reruns are bit-identical."""
     torch.manual_seed(7)
     q = _rand(1, 33, 4, 32, dtype=torch.float16).requires_grad_()
     k, v = (_rand(1, 33, 1, 32, dtype=torch.float16).requires_grad_() for _ in range(2))
+    bias = _rand(1, 1, 33, 33, dtype=torch.float16).requires_grad_()
     do = torch.randn(1, 33, 4, 32, device=DEV, dtype=torch.float16)
     outs = []
     for _ in range(2):
-        o = attnzoo.attention(q, k, v, causal=True, backend="triton")
-        outs.append(torch.autograd.grad(o, (q, k, v), do))
+        o = attnzoo.attention(q, k, v, causal=True, bias=bias, backend="triton")
+        outs.append(torch.autograd.grad(o, (q, k, v, bias), do))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
@@ -422,6 +490,49 @@ def test_flex_block_mask_conversion():
     assert (o_flex.transpose(1, 2) - o_ref).abs().max() < 1e-5
 
 
+def _varlen_inputs(lens, H, Hkv, D, dtype):
+    cu_q = torch.tensor([0] + [sum(a for a, _ in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + [sum(c for _, c in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEV)
+    nq, nk = int(cu_q[-1]), int(cu_k[-1])
+    return cu_q, cu_k, _rand(nq, H, D, dtype=dtype), _rand(nk, Hkv, D, dtype=dtype), _rand(nk, Hkv, D, dtype=dtype)
+
+
+def test_varlen_max_seqlen_torch_compile():
+    """With max_seqlen_q/k given, varlen attention compiles with fullgraph=True (cu_seqlens is never read on
+    the host while compiling) and matches eager, forward and backward; eager checks the maxima."""
+    torch.manual_seed(13)
+    lens = [(7, 11), (13, 4), (13, 25)]
+    cu_q, cu_k, q, k, v = _varlen_inputs(lens, 4, 2, 16, torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v, cu_q, cu_k):
+        return attnzoo.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=13, max_seqlen_k=25,
+                                 causal=True, window=(9, -1), backend="triton")
+
+    torch._dynamo.reset()
+    o = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, cu_q, cu_k)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_e = f(q, k, v, cu_q, cu_k)
+    grads_e = torch.autograd.grad(o_e, (q, k, v), do)
+    assert torch.equal(o, o_e)
+    for a, b in zip(grads, grads_e):
+        assert torch.equal(a, b)
+    # an upper bound is fine (eager, against the reference through check_attention)
+    check_attention(q.detach(), k.detach(), v.detach(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=20,
+                    max_seqlen_k=40, causal=True)
+    with pytest.raises(InputError, match="max_seqlen_k: 24 is smaller"):
+        attnzoo.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=13, max_seqlen_k=24,
+                          backend="triton")
+    with pytest.raises(InputError, match="max_seqlen_q: expected an int"):
+        attnzoo.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=13.0, backend="triton")
+    with pytest.raises(InputError, match="only meaningful with varlen"):
+        attnzoo.attention(q[None], k[None], v[None], max_seqlen_q=13, backend="triton")
+    # the reference backend accepts and ignores them
+    attnzoo.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=13, max_seqlen_k=25,
+                      backend="reference")
+
+
 def test_custom_ops_opcheck():
     """Schema, fake (meta) implementations, autograd registration and AOT dispatch of the custom ops."""
     from attnzoo.ops.attention import triton_backend as TB
@@ -452,7 +563,7 @@ class Cap:
             kw = dict(kw, **dict(zip(self.kernel.arg_names, args)))
             captured.append((self.kernel, kw))
         return launch
-F.launcher = lambda name, kernel, configs: (Cap(kernel), {"BLOCK_M": 64, "BLOCK_N": 32})
+F.launcher = lambda name, kernel, configs, **_: (Cap(kernel), {"BLOCK_M": 64, "BLOCK_N": 32})
 TD._decode_kernel, TD._decode_merge_kernel = Cap(TD._decode_kernel), Cap(TD._decode_merge_kernel)
 T = 64
 q = torch.randn(1, T, 2, 64, dtype=torch.float16); k = torch.randn(1, T, 1, 64, dtype=torch.float16)
@@ -463,6 +574,14 @@ bm = bmm.causal_block_mask(1, 1, T, T, block_size=(64, 64))
 o, lse = F.attention_fwd(q, k, k, bias, mask, mask[0, 0], em, None, None, kvn, kvi, fn, fi, 0.1, True, 8, -1, T, T, bq, bk)
 BW.attention_bwd(o, q, k, k, o, lse.zero_(), None, bias, mask, mask[0, 0], em, None, None, kvn, kvi, fn, fi,
                  0.1, True, 8, -1, T, T, bq, bk, True)
+# dK/dV variants (their dQ launches are not compiled again): per-key dbias rows stored directly (fp16),
+# and no dbias at all
+n_before = len(captured)
+BW.attention_bwd(o, q, k, k, o, lse, None, torch.randn(1, 2, 1, T, dtype=torch.float16), None, None, None, None, None,
+                 None, None, None, None, 0.1, False, -1, -1, T, T, 0, 0, True)
+BW.attention_bwd(o, q, k, k, o, lse, None, None, None, None, None, None, None, None, None, None, None,
+                 0.1, True, -1, -1, T, T, 0, 0, False)
+captured[n_before:] = [c for c in captured[n_before:] if c[0] is BW._attn_bwd_dkdv_kernel]
 bt = torch.zeros(1, 4, dtype=torch.int32)
 TD.attention_decode(q[:, :2], k, k, torch.tensor([40], dtype=torch.int32), bt, 0.1, True, 8, -1)
 TY = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.uint8: "*u8"}
@@ -498,4 +617,4 @@ def test_kernels_compile_for_gpu():
     res = subprocess.run([sys.executable, "-c", _CROSS_COMPILE], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.count("compiled") == 5, res.stdout
+    assert res.stdout.count("compiled") == 7, res.stdout

@@ -26,10 +26,43 @@ def check_scale(scale) -> None:
         raise InputError(f"scale: expected a positive float or None, got {scale!r}")
 
 
+def check_max_seqlen(name: str, m) -> None:
+    """``max_seqlen_*``: None or an int >= 0 (a SymInt under torch.compile)."""
+    if m is None:
+        return
+    if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):
+        raise InputError(f"{name}: expected an int (the longest sequence) or None, got {type(m).__name__}")
+    if m < 0:
+        raise InputError(f"{name}: must be >= 0, got {m}")
+
+
+def _check_cu_seqlens_meta(name: str, cu, device) -> None:
+    """The checks of ``check_cu_seqlens`` that need no host read of the values (used under torch.compile)."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+        got = V.shape_str(cu) if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise InputError(f"{name}: expected a 1-D integer tensor (int32) of length n_seqs + 1 >= 2, got {got}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"{name}: dtype {cu.dtype} is not supported; expected torch.int32 (or int64)")
+    if cu.device != device:
+        raise InputError(f"{name}: is on {cu.device} but the inputs are on {device}")
+
+
+def _longest(cu: torch.Tensor) -> int:
+    vals = cu.tolist()
+    return max((b - a for a, b in zip(vals, vals[1:])), default=0)
+
+
 def validate_attention(
-    q, k, v, *, causal, scale, window, bias, mask, block_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k
+    q, k, v, *, causal, scale, window, bias, mask, block_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q=None, max_seqlen_k=None,
 ):
-    """SPEC §0/§1 input contract; raises InputError naming the argument. Returns ``window`` as a tuple."""
+    """SPEC §0/§1 input contract; raises InputError naming the argument. Returns ``window`` as a tuple.
+
+    Varlen: ``cu_seqlens_*`` are read on the host to check their values (and ``max_seqlen_*``, when given,
+    against the longest sequence) -- except under ``torch.compile`` when both ``max_seqlen_q`` and
+    ``max_seqlen_k`` are given: then only their metadata is checked and the maxima are trusted, so the
+    graph has no host sync.
+    """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     rank = 3 if varlen else 4
     layout = "[total_tokens, heads, head_dim] (varlen)" if varlen else "[batch, seq, heads, head_dim]"
@@ -54,14 +87,29 @@ def validate_attention(
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise InputError("cu_seqlens_q, cu_seqlens_k: varlen needs both (pass the same tensor twice for self-attention)")
-        nq = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        nk = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        check_max_seqlen("max_seqlen_q", max_seqlen_q)
+        check_max_seqlen("max_seqlen_k", max_seqlen_k)
+        if max_seqlen_q is not None and max_seqlen_k is not None and torch.compiler.is_compiling():
+            _check_cu_seqlens_meta("cu_seqlens_q", cu_seqlens_q, q.device)
+            _check_cu_seqlens_meta("cu_seqlens_k", cu_seqlens_k, q.device)
+            nq, nk = cu_seqlens_q.shape[0] - 1, cu_seqlens_k.shape[0] - 1
+        else:
+            nq = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+            nk = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+            for name, m, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_seqlens_k)):
+                if m is not None and m < _longest(cu):
+                    raise InputError(
+                        f"{name}: {m} is smaller than the longest sequence in cu_seqlens_{name[-1]} ({_longest(cu)})"
+                    )
         if nq != nk:
             raise InputError(f"cu_seqlens_k: describes {nk} sequences but cu_seqlens_q describes {nq}")
         for name, t in (("bias", bias), ("mask", mask), ("block_mask", block_mask), ("key_padding_mask", key_padding_mask)):
             if t is not None:
                 raise InputError(f"{name}: not supported with varlen (cu_seqlens); sequence boundaries already mask keys")
         return window
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is not None:
+            raise InputError(f"{name}: only meaningful with varlen inputs (cu_seqlens_q/cu_seqlens_k)")
     B, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
     if bias is not None:
         V.check_tensor("bias", bias, ranks=(4,))
@@ -110,6 +158,8 @@ def attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -128,6 +178,12 @@ def attention(
         block_mask: a :class:`attnzoo.masks.BlockMask` (key blocks not listed are never visited).
         key_padding_mask: ``[B, Tk]`` bool, **True = a real token** (kept), False = padding.
         cu_seqlens_q, cu_seqlens_k: int32 ``[n+1]`` prefix sums for the packed varlen layout.
+        max_seqlen_q, max_seqlen_k: varlen only, optional: the longest query / key sequence (an upper
+            bound works: ints ``>=`` the real maxima). Kernels size their launch grid from them instead of
+            reading ``cu_seqlens`` on the host. In eager mode they are checked against ``cu_seqlens``;
+            under ``torch.compile``, when both are given, ``cu_seqlens`` is never read on the host (no
+            graph break, no sync) and the values are trusted -- too small a value leaves rows uncomputed.
+            The reference backend ignores them.
         return_lse: also return the fp32 log-sum-exp ``[B, H, Tq]`` (varlen ``[H, Nq]``).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
@@ -136,11 +192,12 @@ def attention(
     window = validate_attention(
         q, k, v, causal=causal, scale=scale, window=window, bias=bias, mask=mask, block_mask=block_mask,
         key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
     return backends.dispatch(
         "attention", backend, q=q, k=k, v=v, causal=causal, scale=scale, window=window, bias=bias, mask=mask,
         block_mask=block_mask, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=return_lse,
     )
 
 

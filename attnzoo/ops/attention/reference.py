@@ -133,9 +133,14 @@ def attention_reference(
     key_padding_mask: Optional[torch.Tensor] = None,
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
     return_lse: bool = False,
 ):
     """SPEC §1 softmax attention. See :func:`attnzoo.attention` for the argument contract.
+
+    ``max_seqlen_q``/``max_seqlen_k`` (kernel launch hints) are accepted and ignored: the reference reads
+    ``cu_seqlens`` itself.
 
     Returns ``o`` shaped like ``q`` (last dim ``Dv``), and with ``return_lse`` the fp32 log-sum-exp,
     ``[B, H, Tq]`` (varlen: ``[H, Nq]``).

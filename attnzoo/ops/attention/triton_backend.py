@@ -75,14 +75,17 @@ def _max_len(cu: torch.Tensor) -> int:
 @backends.register("attention", "triton", priority=10, supports=supports_attention)
 def attention_triton(
     q, k, v, *, causal=False, scale=None, window=(-1, -1), bias=None, mask=None, block_mask=None,
-    key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False,
+    key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+    return_lse=False,
 ):
     kern = _kernels()
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     varlen = cu_seqlens_q is not None
     if varlen:
-        max_q, max_k = _max_len(cu_seqlens_q), _max_len(cu_seqlens_k)
+        # the caller's maxima (validated in eager mode) spare a host read of cu_seqlens
+        max_q = max_seqlen_q if max_seqlen_q is not None else _max_len(cu_seqlens_q)
+        max_k = max_seqlen_k if max_seqlen_k is not None else _max_len(cu_seqlens_k)
         cu_seqlens_q = cu_seqlens_q.to(torch.int32)
         cu_seqlens_k = cu_seqlens_k.to(torch.int32)
     else:

@@ -11,10 +11,46 @@ the backward is deterministic, bit-for-bit run to run):
   from the saved lse: ``dV += P^T dO``, ``dS^T = P^T * (dP^T - delta)``, ``dK += dS^T Q``. Summing over the
   group inside the program gives dK/dV of the kv head directly.
 * dQ kernel: one program per (query tile, batch, query head); Q, dO, lse, delta and the dQ accumulator
-  stay in registers while key tiles stream: ``dQ += dS K``. When the bias needs a gradient this kernel
-  also writes ``dS`` into a full ``[B, H, Tq, Tk]`` fp32 buffer (zeros where tiles are skipped), which the
-  host then sums down to the bias' own broadcast shape. That full-size dbias is a first version: simple
-  and exact, but it costs ``B*H*Tq*Tk*4`` bytes; a reduction inside the kernel is future work.
+  stay in registers while key tiles stream: ``dQ += dS K``.
+* dbias (when the bias requires grad) is produced by the dK/dV kernel, which already holds every ``dS^T``
+  tile of its key tile for all G query heads of its kv head -- never through a ``[B, H, Tq, Tk]`` buffer:
+
+  - per-query bias (``Tq`` rows): each ``dS^T`` tile goes straight into the bias-shaped output. When several
+    (batch, head) pairs that one program visits share a bias slice (the G heads of a group for an ``Hkv``
+    or ``1`` head dim; the batches or kv heads the program loops over, see below) the program adds the tile
+    into the slice it alone owns (load + add + store, in a fixed order: deterministic, no atomics).
+  - per-key bias (``Tq == 1``, e.g. ALiBi-like or DMA biases): ``sum over query rows of dS^T`` is
+    accumulated in registers while the program walks the query tiles, and stored once per head.
+  - a bias broadcast over the batch (``B == 1 < B``) or over all heads while ``Hkv > 1`` is shared by
+    several programs. Either each program writes its own slot of a partial buffer that materialises only
+    that dim (``[B, ...]`` and/or ``[., Hkv, ...]``), which the host then sums over that dim only, or the
+    programs loop over the shared batches / kv heads themselves (fewer programs, no extra memory). A
+    per-query bias takes the first of: partial over B and kv heads, over B only, over kv heads only, none
+    -- whose fp32 size fits ``DBIAS_PARTIAL_MAX_BYTES`` (64 MiB; "none" always fits). A per-key bias
+    always uses the partial (it is O(B*Hkv*Tk)).
+
+  Memory of dbias per bias form, ``N = Tq*Tk`` (the first version wrote a ``B*H*N*4``-byte fp32 buffer for
+  every form, 8 GiB at B=1, H=32, T=8k; the backward still allocates dQ/dK/dV and an fp32 ``delta``):
+
+  =============================  ===================================================================
+  bias form                      dbias memory
+  =============================  ===================================================================
+  ``[B, H, Tq, Tk]``             the dbias itself, written once, directly in the bias dtype (no extra)
+  ``[B, Hkv, Tq, Tk]``, G > 1    ``B*Hkv*N*4`` fp32 (summed over the group in-program), then cast to
+                                 the bias dtype if it is not fp32
+  ``[1, H|Hkv, Tq, Tk]``, B > 1  ``B*Hb*N*4`` partial if <= 64 MiB, else ``Hb*N*4`` (each program
+                                 loops over B); ``Hb`` = the bias' heads
+  ``[B, 1, Tq, Tk]``, Hkv > 1    ``B*Hkv*N*4`` partial if <= 64 MiB, else ``B*N*4`` (loop over kv heads)
+  ``[1, 1, Tq, Tk]``, Hkv > 1    the first that fits of ``B*Hkv*N*4``, ``B*N*4`` (loop over kv heads),
+                                 ``Hkv*N*4`` (loop over B), ``N*4`` (loop over both)
+  ``[*, 1, Tq, Tk]``, Hkv == 1   as its ``Hkv`` form: the G = H heads are summed inside each program
+  ``[*, *, 1, Tk]`` (per key)    ``B*Hb*Tk*4`` for ``Hb`` in {H, Hkv}, ``B*Hkv*Tk*4`` for one shared
+                                 head: at most ``B*H*Tk*4``
+  =============================  ===================================================================
+
+  So a trainable bias never costs more than ``max(its own size in fp32, 64 MiB)`` (+ the cast), and a
+  per-key bias O(B*H*Tk). The reductions are fixed-order (in-program loops, then ``torch.sum`` over the
+  small partial dim): the backward stays deterministic.
 
 What is skipped: as in the forward, tiles outside the causal/window band are never visited (the loop
 bounds come from the diagonal), and with a BlockMask only listed blocks are visited (the dK/dV kernel uses
@@ -27,7 +63,7 @@ This module imports triton: import it lazily (``attnzoo.ops.attention.triton_bac
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -36,15 +72,31 @@ import triton.language as tl
 from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.attention.triton_fwd import _NO_SPEC, _seq_bounds, _visible
 
+_NO_SPEC_DKDV = _NO_SPEC + ["db_hdiv", "NB_IN", "NH_IN"]
+
+# Largest partial dbias buffer (bytes) the backward may allocate to keep one program per (key tile, batch,
+# kv head) when the bias is shared across batches / kv heads; above it the programs loop instead.
+DBIAS_PARTIAL_MAX_BYTES = 64 << 20
+
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
+def _db_store(ptrs, val, ok, ACCUM: tl.constexpr):
+    """Store a dbias tile/row; with ACCUM add it to what this program stored there before (the barrier
+    makes the earlier stores of every thread of the program visible first)."""
+    if ACCUM:
+        tl.debug_barrier()
+        val = val + tl.load(ptrs, mask=ok, other=0.0)
+    tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                   q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
                   bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                  scale_log2,
+                  db_base, sdbm, sdbn, scale_log2,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
+                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -68,112 +120,130 @@ def _bwd_kv_inner(dk, dv, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_rig
     pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dst = pt * (dpt - delta[None, :])
+    dst = pt * (dpt - delta[None, :])  # dS^T = d loss / d (scores incl. bias), [N, M]
+    if DB_MODE == 1:  # per-query bias: the tile itself
+        _db_store(db_base + qi.to(tl.int64) * sdbm + kj * sdbn, dst, (qi < Tq) & (kj < Tk), DB_ACCUM)
+    if DB_MODE == 2:  # per-key bias: sum over the query rows, kept in registers
+        db_row += tl.sum(dst, 1)
     dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-    return dk, dv
+    return dk, dv, db_row
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
+@triton.jit(do_not_specialize=_NO_SPEC_DKDV)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVo, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, DO, LSE, DELTA, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
-    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd,
+    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdbb, sdbh, sdbm, sdbn,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
     H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
-    scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
+    scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
+    DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Here the block-mask lists are transposed: per (b, h, key block) the query blocks that see it,
     # KvNum [B, H, Nk] / KvIdx [B, H, Nk, Mq]; Mq_bm is the number of key blocks, Nk_bm the row length.
+    # A program owns one key tile of NB_IN batches x NH_IN kv heads (both 1 unless dbias is reduced over
+    # the batch / the kv heads inside the program, see the module docstring). DB_MODE: 0 no dbias,
+    # 1 per-query bias (tiles), 2 per-key bias (rows summed in registers).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Hkv = H // G
-    b = pid_bh // Hkv
-    hkv = pid_bh % Hkv
-    q0, Tq, k0, Tk = _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN)
+    n_hgrp = Hkv // NH_IN
+    b_grp = pid_bh // n_hgrp
+    h_grp = pid_bh % n_hgrp
     start_n = pid_n * BLOCK_N
-    if start_n >= Tk:
-        return
-    b64 = b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    rows_k = (k0 + offs_n).to(tl.int64)
-    col_ok = offs_n < Tk
-    k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    diag = Tk - Tq
-    kpm_base = KPM + b64 * skpb + k0 * 0
-
-    # query range [lo, hi) whose causal/window band reaches this key tile
-    lo = Tq * 0
-    hi = Tq
-    if HAS_RIGHT:
-        lo = tl.maximum(start_n - diag - win_right, 0)
-    if HAS_LEFT:
-        hi = tl.minimum(tl.minimum(start_n + BLOCK_N, Tk) - diag + win_left, Tq)
-
-    for g in range(0, G):
-        h = hkv * G + g
-        q0_64 = q0.to(tl.int64)
-        q_base = Q + b64 * sqb + h * sqh + q0_64 * sqt
-        do_base = DO + b64 * sdob + h * sdoh + q0_64 * sdot
-        lse_base = LSE + b64 * slb + h * slh + q0_64 * slt
-        delta_base = DELTA + b64 * slb + h * slh + q0_64 * slt
-        bias_base = Bias + b64 * sbb + (h // bias_hdiv) * sbh
-        mask_base = Mask + b64 * smb + (h // mask_hdiv) * smh
-        em_base = EM + b64 * seb + h * seh
-        if SPARSE:
-            tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0, "kernel tiles must divide BlockMask blocks")
-            row = (b64 * H + h) * Mq_bm + start_n // BM_BK
-            if HAS_FULL:
-                n_full = tl.load(FullNum + row)
-                for i in range(0, n_full):
-                    mb = tl.load(FullIdx + row * Nk_bm + i)
-                    for sub in range(0, BM_BQ // BLOCK_M):
-                        start_m = mb * BM_BQ + sub * BLOCK_M
-                        if (start_m < hi) & (start_m + BLOCK_M > lo):
-                            dk, dv = _bwd_kv_inner(
-                                dk, dv, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
+    for bi in range(0, NB_IN):
+        b = b_grp * NB_IN + bi
+        q0, Tq, k0, Tk = _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN)
+        if start_n < Tk:
+            b64 = b.to(tl.int64)
+            rows_k = (k0 + offs_n).to(tl.int64)
+            col_ok = offs_n < Tk
+            diag = Tk - Tq
+            kpm_base = KPM + b64 * skpb + k0 * 0
+            # query range [lo, hi) whose causal/window band reaches this key tile
+            lo = Tq * 0
+            hi = Tq
+            if HAS_RIGHT:
+                lo = tl.maximum(start_n - diag - win_right, 0)
+            if HAS_LEFT:
+                hi = tl.minimum(tl.minimum(start_n + BLOCK_N, Tk) - diag + win_left, Tq)
+            for hi_ in range(0, NH_IN):
+                hkv = h_grp * NH_IN + hi_
+                k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
+                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
+                            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+                for g in range(0, G):
+                    h = hkv * G + g
+                    q0_64 = q0.to(tl.int64)
+                    q_base = Q + b64 * sqb + h * sqh + q0_64 * sqt
+                    do_base = DO + b64 * sdob + h * sdoh + q0_64 * sdot
+                    lse_base = LSE + b64 * slb + h * slh + q0_64 * slt
+                    delta_base = DELTA + b64 * slb + h * slh + q0_64 * slt
+                    bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
+                    mask_base = Mask + b64 * smb + (h // mask_hdiv).to(tl.int64) * smh
+                    em_base = EM + b64 * seb + h.to(tl.int64) * seh
+                    db_base = DB + b64 * sdbb + (h // db_hdiv).to(tl.int64) * sdbh
+                    db_row = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    if SPARSE:
+                        tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0,
+                                         "kernel tiles must divide BlockMask blocks")
+                        row = (b64 * H + h) * Mq_bm + start_n // BM_BK
+                        if HAS_FULL:
+                            n_full = tl.load(FullNum + row)
+                            for i in range(0, n_full):
+                                mb = tl.load(FullIdx + row * Nk_bm + i)
+                                for sub in range(0, BM_BQ // BLOCK_M):
+                                    start_m = mb * BM_BQ + sub * BLOCK_M
+                                    if (start_m < hi) & (start_m + BLOCK_M > lo):
+                                        dk, dv, db_row = _bwd_kv_inner(
+                                            dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
+                                            q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                                            bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                                            db_base, sdbm, sdbn, scale_log2,
+                                            HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
+                                            DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                        n_part = tl.load(KvNum + row)
+                        for i in range(0, n_part):
+                            mb = tl.load(KvIdx + row * Nk_bm + i)
+                            for sub in range(0, BM_BQ // BLOCK_M):
+                                start_m = mb * BM_BQ + sub * BLOCK_M
+                                if (start_m < hi) & (start_m + BLOCK_M > lo):
+                                    dk, dv, db_row = _bwd_kv_inner(
+                                        dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
+                                        q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                                        bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                                        db_base, sdbm, sdbn, scale_log2,
+                                        HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
+                                        DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                    else:
+                        lo_m = (lo // BLOCK_M) * BLOCK_M
+                        for start_m in range(lo_m, hi, BLOCK_M):
+                            dk, dv, db_row = _bwd_kv_inner(
+                                dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                 q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
                                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                                BLOCK_M, BLOCK_D, BLOCK_DV)
-            n_part = tl.load(KvNum + row)
-            for i in range(0, n_part):
-                mb = tl.load(KvIdx + row * Nk_bm + i)
-                for sub in range(0, BM_BQ // BLOCK_M):
-                    start_m = mb * BM_BQ + sub * BLOCK_M
-                    if (start_m < hi) & (start_m + BLOCK_M > lo):
-                        dk, dv = _bwd_kv_inner(
-                            dk, dv, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                            q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
-                            bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                            BLOCK_M, BLOCK_D, BLOCK_DV)
-        else:
-            lo_m = (lo // BLOCK_M) * BLOCK_M
-            for start_m in range(lo_m, hi, BLOCK_M):
-                dk, dv = _bwd_kv_inner(
-                    dk, dv, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                    q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
-                    bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                    scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                    BLOCK_M, BLOCK_D, BLOCK_DV)
+                                db_base, sdbm, sdbn, scale_log2,
+                                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
+                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                    if DB_MODE == 2:
+                        _db_store(db_base + offs_n * sdbn, db_row, col_ok, DB_ACCUM)
 
-    dk = dk * scale
-    tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DVo + b64 * sdvb + hkv * sdvh + rows_k[:, None] * sdvt + offs_dv[None, :] * sdvd,
-             dv.to(DVo.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+                dk = dk * scale
+                tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
+                         dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+                tl.store(DVo + b64 * sdvb + hkv * sdvh + rows_k[:, None] * sdvt + offs_dv[None, :] * sdvd,
+                         dv.to(DVo.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -205,7 +275,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left
     p = tl.math.exp2(tl.where(keep, s - lse2[:, None], float("-inf")))
     dp = tl.dot(do, vt, input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
-    if STORE_DS:
+    if STORE_DS:  # (kept for callers outside the core, e.g. MoH; the core's dbias comes from dK/dV)
         tl.store(ds_base + qi.to(tl.int64) * sdsm + kj * sdsn, ds, mask=inb)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
@@ -213,16 +283,16 @@ def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DS, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, DO, LSE, DELTA, DQ, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
-    sdqb, sdqt, sdqh, sdqd, sdsb, sdsh, sdsm, sdsn,
+    sdqb, sdqt, sdqh, sdqd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
     H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
     scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
-    STORE_DS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -249,11 +319,10 @@ def _attn_bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     k_base = K + b64 * skb + hkv * skh + k0.to(tl.int64) * skt
     v_base = V + b64 * svb + hkv * svh + k0.to(tl.int64) * svt
-    bias_base = Bias + b64 * sbb + (h // bias_hdiv) * sbh
-    mask_base = Mask + b64 * smb + (h // mask_hdiv) * smh
+    bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
+    mask_base = Mask + b64 * smb + (h // mask_hdiv).to(tl.int64) * smh
     kpm_base = KPM + b64 * skpb
-    em_base = EM + b64 * seb + h * seh
-    ds_base = DS + b64 * sdsb + h * sdsh
+    em_base = EM + b64 * seb + h.to(tl.int64) * seh
     diag = Tk - Tq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -278,8 +347,8 @@ def _attn_bwd_dq_kernel(
                             dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            ds_base, sdsm, sdsn, scale_log2,
-                            HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, STORE_DS, DOT_PREC,
+                            Q, 0, 0, scale_log2,
+                            HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
                             BLOCK_N, BLOCK_D, BLOCK_DV)
         n_part = tl.load(KvNum + row)
         for i in range(0, n_part):
@@ -291,8 +360,8 @@ def _attn_bwd_dq_kernel(
                         dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                         k_base, v_base, skt, skd, svt, svd, D, DV,
                         bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                        ds_base, sdsm, sdsn, scale_log2,
-                        HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, STORE_DS, DOT_PREC,
+                        Q, 0, 0, scale_log2,
+                        HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
                         BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
@@ -301,8 +370,8 @@ def _attn_bwd_dq_kernel(
                 dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                ds_base, sdsm, sdsn, scale_log2,
-                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, STORE_DS, DOT_PREC,
+                Q, 0, 0, scale_log2,
+                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dq = dq * scale
@@ -332,6 +401,51 @@ def transpose_block_lists(num: Optional[torch.Tensor], idx: Optional[torch.Tenso
     return count, order
 
 
+class DbiasPlan(NamedTuple):
+    """How the dK/dV kernel produces dbias for one bias shape (see the module docstring).
+
+    ``mode``: 1 per-query bias (tiles), 2 per-key bias (``Tq == 1``, rows summed in registers).
+    ``buf_shape``: the buffer the kernel writes, ``[Bo, Ho, bq, Tk]``; ``Bo``/``Ho`` exceed the bias' own
+    batch/head counts only for a partial that the host then sums over that dim. ``nb_in``/``nh_in``:
+    batches / kv heads each program loops over. ``accum``: a program adds into what it stored before.
+    ``dtype``: the buffer's dtype (the bias dtype when every element is written once and not reduced).
+    """
+
+    mode: int
+    buf_shape: Tuple[int, int, int, int]
+    nb_in: int
+    nh_in: int
+    db_hdiv: int
+    accum: bool
+    dtype: torch.dtype
+
+
+def dbias_plan(bias_shape, bias_dtype, B: int, H: int, Hkv: int, Tq: int, Tk: int,
+               partial_max_bytes: Optional[int] = None) -> DbiasPlan:
+    bb, bh, bq, _ = bias_shape
+    if partial_max_bytes is None:
+        partial_max_bytes = DBIAS_PARTIAL_MAX_BYTES
+    G = H // Hkv
+    mode = 2 if bq == 1 else 1
+    reduce_b = bb != B  # bias shared by the batches (bb == 1 < B)
+    cross_h = bh != H and bh != Hkv  # bias shared by all heads while Hkv > 1
+    # candidates from most to least parallel: (partial over B, partial over kv heads)
+    cands = [(pb, ph) for pb in ((True, False) if reduce_b else (False,))
+             for ph in ((True, False) if cross_h else (False,))]
+    for pb, ph in cands:
+        Bo = B if pb else bb
+        Ho = Hkv if ph else bh
+        nbytes = Bo * Ho * bq * Tk * 4
+        if mode == 2 or nbytes <= partial_max_bytes or (pb, ph) == cands[-1]:
+            break
+    nb_in = B if (reduce_b and not pb) else 1
+    nh_in = Hkv if (cross_h and not ph) else 1
+    db_hdiv = H // Ho
+    accum = nb_in > 1 or nh_in > 1 or (G > 1 and db_hdiv > 1)
+    direct = not accum and (Bo, Ho) == (bb, bh)
+    return DbiasPlan(mode, (Bo, Ho, bq, Tk), nb_in, nh_in, db_hdiv, accum, bias_dtype if direct else torch.float32)
+
+
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
@@ -343,21 +457,27 @@ def attention_bwd(
     scale: float, causal: bool, window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int,
     block_q: int, block_k: int, need_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dq, dk, dv, ds)``; ``ds`` is the full ``[B, H, Tq, Tk]`` fp32 gradient of the scores when
-    ``need_dbias`` (else an empty tensor) -- the caller reduces it to the bias' shape."""
+    """Returns ``(dq, dk, dv, dbias)``; ``dbias`` has the bias' own shape and dtype when ``need_dbias``
+    (else it is an empty fp32 tensor)."""
     varlen = cu_seqlens_q is not None
     args, (B, H, Hkv, G, Tq, Tk, D, DV) = F.common_args(
         q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks, kv_indices,
         full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right, max_seqlen_q, max_seqlen_k,
         block_q, block_k)
+    need_dbias = bool(need_dbias and bias is not None)
     dq = F.new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = F.new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = F.new_output(v.shape, dtype=v.dtype, device=v.device)
-    ds = (torch.zeros((B, H, Tq, Tk), dtype=torch.float32, device=q.device) if need_dbias
-          else q.new_empty((0,), dtype=torch.float32))
+    if need_dbias:
+        plan = dbias_plan(tuple(bias.shape), bias.dtype, B, H, Hkv, Tq, Tk)
+        db = torch.zeros(plan.buf_shape, dtype=plan.dtype, device=q.device)  # zeros: tiles never visited
+    else:
+        plan = None
+        db = q.new_zeros((1,), dtype=torch.float32)  # a real (never written) pointer for the kernel
+    no_db = q.new_empty((0,), dtype=torch.float32)
     if k.numel() == 0 or q.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, ds
+        return dq, dk, dv, _finish_dbias(db, bias) if need_dbias else no_db
     # delta = rowsum(dO * O) - dlse, laid out like lse
     delta = (do.float() * o.float()).sum(-1)  # [B, Tq, H] or [Nq, H]
     delta = delta.t() if varlen else delta.transpose(1, 2)
@@ -370,16 +490,14 @@ def attention_bwd(
                 sdob=sdo[0], sdot=sdo[1], sdoh=sdo[2], sdod=sdo[3])
     args["slb"], args["slh"], args["slt"] = F.lse_strides(lse, varlen)
 
-    # dQ (and dS)
+    # dQ
     a = dict(args)
     sdq = F._bhq(dq, varlen)
-    a.update(DQ=dq, DS=ds if need_dbias else q, STORE_DS=need_dbias,
-             sdqb=sdq[0], sdqt=sdq[1], sdqh=sdq[2], sdqd=sdq[3])
-    a["sdsb"], a["sdsh"], a["sdsm"], a["sdsn"] = (ds.stride() if need_dbias else (0, 0, 0, 0))
+    a.update(DQ=dq, sdqb=sdq[0], sdqt=sdq[1], sdqh=sdq[2], sdqd=sdq[3])
     kernel, meta = F.launcher("bwd_dq", _attn_bwd_dq_kernel, GPU_DQ_CONFIGS)
     kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](**a, **meta)
 
-    # dK, dV over the transposed block lists
+    # dK, dV (and dbias) over the transposed block lists
     a = dict(args)
     if kv_num_blocks is not None:
         nkb = triton.cdiv(Tk, block_k)
@@ -391,33 +509,35 @@ def attention_bwd(
     sdk, sdv = F._bhq(dk, varlen), F._bhq(dv, varlen)
     a.update(DK=dk, DVo=dv, sdkb=sdk[0], sdkt=sdk[1], sdkh=sdk[2], sdkd=sdk[3],
              sdvb=sdv[0], sdvt=sdv[1], sdvh=sdv[2], sdvd=sdv[3])
-    kernel, meta = F.launcher("bwd_dkdv", _attn_bwd_dkdv_kernel, GPU_DKDV_CONFIGS)
-    kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hkv)](**a, **meta)
-    return dq, dk, dv, ds
+    nb_in = plan.nb_in if plan else 1
+    nh_in = plan.nh_in if plan else 1
+    a.update(DB=db, db_hdiv=plan.db_hdiv if plan else 1, NB_IN=nb_in, NH_IN=nh_in,
+             DB_MODE=plan.mode if plan else 0, DB_ACCUM=plan.accum if plan else False)
+    a["sdbb"], a["sdbh"], a["sdbm"], a["sdbn"] = F._strides4(db) if need_dbias else (0, 0, 0, 0)
+    kernel, meta = F.launcher("bwd_dkdv", _attn_bwd_dkdv_kernel, GPU_DKDV_CONFIGS,
+                              extra_key=["DB_MODE", "DB_ACCUM"], reset_to_zero=["DB"])
+    kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), (B // nb_in) * (Hkv // nh_in))](**a, **meta)
+    return dq, dk, dv, _finish_dbias(db, bias) if need_dbias else no_db
+
+
+def _finish_dbias(db: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Sum a partial dbias buffer over the (small) dims the bias broadcasts over; cast to the bias dtype."""
+    if db.shape[0] != bias.shape[0]:
+        db = db.sum(0, keepdim=True)
+    if db.shape[1] != bias.shape[1]:
+        db = db.sum(1, keepdim=True)
+    return db.to(bias.dtype)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(do, q, k, v, o, lse, dlse, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q,
                         cu_seqlens_k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, scale, causal,
                         window_left, window_right, max_seqlen_q, max_seqlen_k, block_q, block_k, need_dbias):
-    if need_dbias:
-        ds = q.new_empty((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=torch.float32)
+    if need_dbias and bias is not None:
+        db = bias.new_empty(bias.shape)
     else:
-        ds = q.new_empty((0,), dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds
-
-
-def reduce_dbias(ds: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Sum the full ``[B, H, Tq, Tk]`` score gradient down to ``bias``' broadcast shape."""
-    B, H, Tq, Tk = ds.shape
-    bb, bh, bq, _ = bias.shape
-    if bh != H:
-        ds = ds.sum(1, keepdim=True) if bh == 1 else ds.view(B, bh, H // bh, Tq, Tk).sum(2)
-    if bb != B:
-        ds = ds.sum(0, keepdim=True)
-    if bq != Tq:
-        ds = ds.sum(2, keepdim=True)
-    return ds.to(bias.dtype)
+        db = q.new_empty((0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), db
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -439,10 +559,9 @@ def _backward(ctx, do, dlse):
     need_dbias = bias is not None and ctx.needs_input_grad[3]
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv, ds = torch.ops.attnzoo.attention_bwd(
+    dq, dk, dv, dbias = torch.ops.attnzoo.attention_bwd(
         do, q, k, v, o, lse, dlse, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, *ctx.params, need_dbias)
-    dbias = reduce_dbias(ds, bias) if need_dbias else None
-    return (dq, dk, dv, dbias) + (None,) * (_N_INPUTS - 4)
+    return (dq, dk, dv, dbias if need_dbias else None) + (None,) * (_N_INPUTS - 4)
 
 
 F.attention_fwd.register_autograd(_backward, setup_context=_setup_context)

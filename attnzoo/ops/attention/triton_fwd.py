@@ -189,10 +189,10 @@ def _attn_fwd_kernel(
                 mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D), other=0.0)
     k_base = K + b64 * skb + hkv * skh + k0.to(tl.int64) * skt
     v_base = V + b64 * svb + hkv * svh + k0.to(tl.int64) * svt
-    bias_base = Bias + b64 * sbb + (h // bias_hdiv) * sbh
-    mask_base = Mask + b64 * smb + (h // mask_hdiv) * smh
+    bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
+    mask_base = Mask + b64 * smb + (h // mask_hdiv).to(tl.int64) * smh
     kpm_base = KPM + b64 * skpb
-    em_base = EM + b64 * seb + h * seh
+    em_base = EM + b64 * seb + h.to(tl.int64) * seh
     diag = Tk - Tq
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -286,24 +286,26 @@ _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "
         "HAS_LEFT", "HAS_RIGHT", "SPARSE", "BM_BQ", "BM_BK"]
 
 
-def make_tuned(kernel, configs):
+def make_tuned(kernel, configs, extra_key=(), reset_to_zero=None):
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
-        key=_KEY,
+        key=_KEY + list(extra_key),
         prune_configs_by={"early_config_prune": prune_for_block_mask},
+        reset_to_zero=reset_to_zero,
     )(kernel)
 
 
 _tuned_cache = {}
 
 
-def launcher(name, kernel, configs):
+def launcher(name, kernel, configs, extra_key=(), reset_to_zero=None):
     """The kernel to launch and the extra meta-args it needs: autotuned on a GPU, one fixed config under
-    the interpreter."""
+    the interpreter. ``reset_to_zero``: output arguments a kernel accumulates into (zeroed before every
+    benchmarked run and once more after benchmarking, so the real run starts from zeros too)."""
     if interpreter():
         return kernel, {"BLOCK_M": INTERP_BLOCK, "BLOCK_N": INTERP_BLOCK}
     if name not in _tuned_cache:
-        _tuned_cache[name] = make_tuned(kernel, configs)
+        _tuned_cache[name] = make_tuned(kernel, configs, extra_key, reset_to_zero)
     return _tuned_cache[name], {}
 
 
