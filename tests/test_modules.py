@@ -229,3 +229,22 @@ def test_cache_of_another_kind_is_rejected():
     other = attnzoo.LightningAttention(32, 4).new_cache(1)
     with pytest.raises(attnzoo.InputError, match="^cache"):
         m(torch.randn(1, 3, 32), cache=other)
+
+
+def test_generation_steps_use_the_decode_op(monkeypatch):
+    """Cached steps of a few tokens go through attention_with_kvcache (flash-decoding on a GPU); the
+    prefill, padded calls and calls that need gradients go through attention."""
+    from attnzoo.modules import base
+
+    calls = []
+    real = base.attention_with_kvcache
+    monkeypatch.setattr(base, "attention_with_kvcache", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    torch.manual_seed(0)
+    m = MultiHeadAttention(32, 4, 2, rope=True)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2)
+        steps = [m(x[:, :4], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+    assert calls == [1] * 5  # the 4-token prefill saw no cached keys: plain attention

@@ -23,9 +23,11 @@ from attnzoo.errors import InputError
 from attnzoo.modules.cache import KVCache
 from attnzoo.modules.knocking import KnockingHeads
 from attnzoo.modules.rope import RotaryEmbedding
-from attnzoo.ops.attention.api import attention
+from attnzoo.ops.attention.api import attention, attention_with_kvcache
 from attnzoo.ops.knocking.reference import fold_linear_into_proj
 from attnzoo.ops.validate import MAX_HEAD_DIM, shape_str
+
+MAX_DECODE_QUERIES = 16  # new tokens per step that go through the decode op (attention_with_kvcache)
 
 
 def resolve_heads(dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int]) -> Tuple[int, int]:
@@ -241,9 +243,26 @@ class SoftmaxAttentionBase(nn.Module):
         """The variant's core: ``q [B, T, H, D]`` against every key ``k, v [B, Tk, Hkv, D]`` (cached ones
         too); ``key_padding_mask [B, Tk]`` covers all keys, ``query_mask [B, T]`` the new tokens,
         ``q_raw`` the queries before QK-norm and RoPE."""
+        if self._decoding(q, k, key_padding_mask):
+            lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+            return attention_with_kvcache(
+                q, k, v, lens, causal=True, scale=self.scale, window=self.window, backend=self.backend
+            )
         return attention(
             q, k, v, causal=self.causal, scale=self.scale, window=self.window,
             key_padding_mask=key_padding_mask, backend=self.backend,
+        )
+
+    def _decoding(self, q, k, key_padding_mask) -> bool:
+        """Generation steps take the decode op (split-K flash-decoding, one read of each KV tile per GQA
+        group): a few new causal queries after cached keys, no padding, no gradient (the decode kernel is
+        inference-only)."""
+        return (
+            self.causal
+            and key_padding_mask is None
+            and k.shape[1] > q.shape[1]
+            and q.shape[1] <= MAX_DECODE_QUERIES
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
         )
 
     # -- folding ------------------------------------------------------------------------------------

@@ -226,8 +226,16 @@ def attention_with_kvcache(
         k_cache, v_cache: contiguous ``[B, Tmax, Hkv, D]``, or paged ``[num_pages, page_size, Hkv, D]``
             with ``block_table``.
         cache_seqlens: ``[B]`` int32, valid tokens per batch *including* the ``Tn`` new ones (already
-            written into the cache).
+            written into the cache). Read on the host for validation in eager mode, not under
+            ``torch.compile`` (there each entry is trusted to lie in ``[Tn, capacity]``).
         block_table: ``[B, max_pages]`` int32 page ids, for a paged cache.
+        causal: bottom-right per batch: query ``i`` sees key ``j`` iff ``j <= i + cache_seqlens[b] - Tn``
+            (default True: decoding is causal).
+        scale, window: as in :func:`attention`.
+        return_lse: also return the fp32 log-sum-exp ``[B, H, Tn]``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (the Triton decode kernel is inference-only).
+
+    Returns ``o [B, Tn, H, Dv]`` (and ``lse``).
     """
     V.check_tensor("q", q, ranks=(4,))
     V.check_tensor("k_cache", k_cache, ranks=(4,))
@@ -246,18 +254,27 @@ def attention_with_kvcache(
     V.check_tensor("cache_seqlens", cache_seqlens, ranks=(1,), dtypes=(torch.int32, torch.int64))
     if cache_seqlens.shape[0] != B or cache_seqlens.device != q.device:
         raise InputError(f"cache_seqlens: expected shape ({B},) on {q.device}, got {V.shape_str(cache_seqlens)} on {cache_seqlens.device}")
+    compiling = torch.compiler.is_compiling()
     if block_table is not None:
         V.check_tensor("block_table", block_table, ranks=(2,), dtypes=(torch.int32, torch.int64))
-        if block_table.shape[0] != B:
-            raise InputError(f"block_table: expected {B} rows (one per batch), got {V.shape_str(block_table)}")
+        if block_table.shape[0] != B or block_table.device != q.device:
+            raise InputError(
+                f"block_table: expected {B} rows (one per batch) on {q.device}, got {V.shape_str(block_table)} "
+                f"on {block_table.device}"
+            )
+        if not compiling and block_table.numel() and not (
+            0 <= int(block_table.min()) and int(block_table.max()) < k_cache.shape[0]
+        ):
+            raise InputError(f"block_table: page ids must lie in [0, {k_cache.shape[0]}) (the pages of k_cache)")
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         if k_cache.shape[0] != B:
             raise InputError(f"k_cache: batch {k_cache.shape[0]} must equal q's batch {B} (or pass block_table for a paged cache)")
         capacity = k_cache.shape[1]
-    lens = cache_seqlens.tolist()
-    if any(n < Tn or n > capacity for n in lens):
-        raise InputError(f"cache_seqlens: each entry must be in [Tn, capacity] = [{Tn}, {capacity}], got {lens}")
+    if not compiling:  # a host read: skipped under torch.compile so decoding compiles without a graph break
+        lens = cache_seqlens.tolist()
+        if any(n < Tn or n > capacity for n in lens):
+            raise InputError(f"cache_seqlens: each entry must be in [Tn, capacity] = [{Tn}, {capacity}], got {lens}")
     return backends.dispatch(
         "attention_with_kvcache", backend, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
         block_table=block_table, causal=causal, scale=scale, window=window, return_lse=return_lse,
