@@ -1,6 +1,7 @@
 """Head-sparse MoH attention kernels (SPEC §3): attention only for the active ``(token, head)`` pairs.
 
-Packing (:mod:`attnzoo.ops.moh.packing`): per ``(b, h)`` the positions of its active tokens, ascending,
+Packing (:func:`attnzoo.ops.moh.triton_router.pack_active_rows_triton`, same layout as
+:mod:`attnzoo.ops.moh.packing`): per ``(b, h)`` the positions of its active tokens, ascending,
 and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
 
 Forward: one program per packed row tile of BLOCK_M rows. The program finds its ``(b, h)`` by binary
@@ -32,11 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from attnzoo.ops.attention import triton_bwd as CB
 from attnzoo.ops.attention import triton_fwd as CF
 from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
 from attnzoo.ops.attention.triton_fwd import _fwd_inner, _visible
-from attnzoo.ops.moh.packing import pack_active_rows
+from attnzoo.ops.moh.triton_router import pack_active_rows_triton
 
 _NO_SPEC = ["H", "G", "Tq", "Tk", "D", "DV", "win_left", "win_right", "BH", "T_rows"]
 
@@ -115,7 +115,6 @@ def _moh_fwd_kernel(
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = pos.to(tl.int64)
     q = _load_rows(Q, b64, h, rows, valid, sqb, sqh, sqt, sqd, D, BLOCK_D)
@@ -162,7 +161,6 @@ def _moh_bwd_dq_kernel(
     h = bh % H
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     rows = pos.to(tl.int64)
     q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, Gates, b64, h, rows, valid,
                                         sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod, slb, slh, slt, sgb, sgt, sgh,
@@ -315,7 +313,7 @@ def moh_attention_fwd(
     and the packing (``rows [B, H, T]``, ``counts [B*H]``, ``tile_offsets [B*H+1]``) the backward reuses."""
     B, Tq, H, D = q.shape
     bm, bn, warps, stages = _tiles(max(D, v.shape[-1]))
-    packed = pack_active_rows(gates, bm)
+    packed = pack_active_rows_triton(gates, bm)  # on the device, no host sync
     if CF.fill_nan():  # test mode: active rows the kernel fails to write stay NaN
         o = torch.full((B, Tq, H, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
         o.masked_fill_((gates == 0)[..., None], 0.0)
