@@ -16,6 +16,7 @@ from attnzoo.ops.masks.block_mask import BlockMask
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every reference computes in for inputs of ``dtype``: fp64 stays fp64, anything else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -16,7 +16,7 @@ import torch
 from attnzoo import backends
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it (see triton_fwd)
+MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it (triton_fwd imports it)
 MAX_DECODE_QUERIES = 16
 
 

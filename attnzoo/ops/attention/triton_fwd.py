@@ -262,7 +262,7 @@ def _attn_fwd_kernel(
 # tests cross tile boundaries with tiny shapes.
 GPU_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)]
 INTERP_BLOCK = 16
-MIN_BLOCK = 16  # smallest tile a kernel uses; BlockMask block sizes must be multiples of it
+from attnzoo.ops.attention.triton_backend import MIN_BLOCK  # noqa: E402,F401  (smallest kernel tile)
 
 
 def prune_for_block_mask(configs, nargs, **kwargs):

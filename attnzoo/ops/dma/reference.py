@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from attnzoo.errors import InputError
-from attnzoo.ops.attention.reference import attention_reference, visibility
+from attnzoo.ops.attention.reference import attention_reference, compute_dtype, visibility
 
 BIAS_FORMS = ("linear", "exp")
 
@@ -24,7 +24,7 @@ def dma_bias(dt: torch.Tensor, A: torch.Tensor, bias_form: str = "linear") -> to
     ``A softplus(dt)`` (``"linear"``, the current form) or ``exp(A softplus(dt))`` (``"exp"``, the original)."""
     if bias_form not in BIAS_FORMS:
         raise InputError(f"bias_form: expected one of {BIAS_FORMS}, got {bias_form!r}")
-    dt = dt.double() if dt.dtype == torch.float64 else dt.float()  # fp32, fp64 stays fp64
+    dt = dt.to(compute_dtype(dt.dtype))  # fp32, fp64 stays fp64
     # softplus as logaddexp(dt, 0): same values; its backward keeps strides that torch.compile's
     # aot_eager tracing agrees with (aten.softplus_backward's output strides did not)
     b = A * torch.logaddexp(dt, torch.zeros((), dtype=dt.dtype, device=dt.device))

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from attnzoo.ops.attention.reference import compute_dtype
+
 
 def kha_linear(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x [..., H, D] @ t [D, D]`` -- the same matrix for every head."""
@@ -25,7 +27,7 @@ def kha_linear(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def kha_mlp(v: torch.Tensor, w_up: torch.Tensor, w_gate: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """``2 * ((v @ w_up) * sigmoid(v @ w_gate)) @ w_down`` on ``v [..., D]``, computed in fp32."""
-    ct = torch.float64 if v.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(v.dtype)
     vf = v.to(ct)
     h = (vf @ w_up.to(ct)) * torch.sigmoid(vf @ w_gate.to(ct))
     return (2.0 * (h @ w_down.to(ct))).to(v.dtype)

@@ -26,10 +26,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from attnzoo.ops.attention.reference import compute_dtype
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the recurrent state for inputs of ``dtype``: fp64 stays fp64, anything else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+
+# the dtype of the recurrent state for inputs of a dtype: fp64 stays fp64, anything else fp32
+state_dtype = compute_dtype
 
 
 def _rates(decay: Optional[torch.Tensor], H: int, device, dtype) -> torch.Tensor:
@@ -70,7 +71,6 @@ def lightning_parallel(
     if cu_seqlens is not None:
         return _split_varlen(lightning_parallel, q, k, v, decay, scale, initial_state, cu_seqlens, upcast)
     B, T, H, D = q.shape
-    Dv = v.shape[-1]
     sd = state_dtype(q.dtype)
     ct = sd if upcast else q.dtype  # dtype of the token-mixing products
     s = _rates(decay, H, q.device, sd)  # [H]
