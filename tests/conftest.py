@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Bounded profiles: the CPU suite must stay within minutes on 2 cores.
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    "ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile("gpu", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("ATTNZOO_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
