@@ -1,10 +1,11 @@
-"""The "triton" backend of ``dynamic_mask_attention``: the softmax core's Triton kernels with the DMA bias
-(``[B, Hkv, 1, Tk]``, one value per key) and the selected keys as a dense boolean mask.
+"""The "triton" backend of ``dynamic_mask_attention`` (SPEC §5): no ``Tq x Tk`` mask.
 
-First version: the selection is built in PyTorch as a ``[B, Hkv, Tq, Tk]`` bool mask (``Tq * Tk`` bytes
-per kv head) and the kernel still visits every key tile of the causal band, so its cost follows ``Tk``,
-not ``keep_window``. The kernel SPEC §5 asks for -- per-row thresholds on the query-independent bias,
-skipping key blocks whose largest bias is below the tile's smallest threshold -- is future work.
+Selection (:mod:`attnzoo.ops.dma.selection`, PyTorch): one ranking of the keys per (batch, bias head) by
+(bias desc, position desc), and per query row the rank cutoff of its ``keep_window``-th visible key,
+computed over chunks of rows (memory ``O(chunk * Tk)``). The kernels (:mod:`attnzoo.ops.dma.triton_dma`)
+keep key ``j`` for row ``i`` iff ``rank[j] <= cutoff[i]`` (plus causal), evaluated in registers, and skip
+every key tile whose smallest rank exceeds the query tile's largest cutoff, so their cost follows
+``keep_window``, not ``Tk``.
 
 Imported at package import: no triton import at module level.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 from typing import List
 
 from attnzoo import backends
-from attnzoo.ops.dma.reference import dma_selection
 
 
 def supports_dma(q, k, v, bias, **_) -> List[str]:
@@ -25,7 +25,7 @@ def supports_dma(q, k, v, bias, **_) -> List[str]:
 
 @backends.register("dynamic_mask_attention", "triton", priority=10, supports=supports_dma)
 def dynamic_mask_attention_triton(q, k, v, bias, *, keep_window, causal=True, scale=None, key_padding_mask=None):
-    from attnzoo.ops.attention.triton_backend import attention_triton
+    from attnzoo.ops.dma.triton_dma import dma_triton
 
-    keep = dma_selection(q, k, bias, keep_window, causal, key_padding_mask)
-    return attention_triton(q, k, v, scale=scale, bias=bias[:, :, None, :], mask=keep)
+    return dma_triton(q, k, v, bias, keep_window=keep_window, causal=causal, scale=scale,
+                      key_padding_mask=key_padding_mask)
