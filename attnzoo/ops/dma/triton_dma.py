@@ -49,15 +49,12 @@ def _tile_min_rank(BMin, start_n, NBLK, BLOCK_N: tl.constexpr, SKIP: tl.constexp
     return tl.min(tl.load(BMin + idx, mask=idx < NBLK, other=2147483647), 0)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
-def _dma_fwd_kernel(
-    Q, K, V, O, LSE, Bias, Rank, Cut, BMin,
-    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
-    sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2,
-    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
-):
+@triton.jit
+def _query_tile(Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Prologue of a query-tile program (grid ``(query tile, B * H)``): its query head ``h``, kv head
+    ``hkv``, bias/selection head ``hb``, first row ``start_m``, int64 batch ``b64``, the row / head-dim
+    offsets, the int64 rows and row mask, and the loaded ``q`` tile ``[BLOCK_M, BLOCK_D]``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -73,6 +70,16 @@ def _dma_fwd_kernel(
     row_ok = offs_m < Tq
     q = tl.load(Q + b64 * sqb + h * sqh + rows_q[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    return h, hkv, hb, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q
+
+
+@triton.jit
+def _key_walk(K, V, Bias, Rank, Cut, BMin, skb, skh, svb, svh, sbb, sbh,
+              b64, hkv, hb, start_m, offs_m, row_ok, H, HB_DIV, Tq, Tk, NBLK,
+              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a query-tile program needs to walk its key tiles: the rows' cutoffs and their max, the base
+    pointers of the selection's ranks and block minima, of this kv head's K and V and of the bias row, and
+    ``hi``, the end of the key range (the causal band's end with CAUSAL)."""
     sel = (b64 * (H // HB_DIV) + hb)
     cut = tl.load(Cut + sel * Tq + offs_m, mask=row_ok, other=-1)
     max_cut = tl.max(cut, 0)
@@ -81,13 +88,30 @@ def _dma_fwd_kernel(
     k_base = K + b64 * skb + hkv * skh
     v_base = V + b64 * svb + hkv * svh
     bias_base = Bias + b64 * sbb + hb * sbh
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Tq) + Tk - Tq, Tk)
+    return cut, max_cut, rank_base, bmin_base, k_base, v_base, bias_base, hi
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def _dma_fwd_kernel(
+    Q, K, V, O, LSE, Bias, Rank, Cut, BMin,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
+    sbb, sbh, sbn,
+    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
+):
+    h, hkv, hb, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q = _query_tile(
+        Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D, BLOCK_D, BLOCK_DV, BLOCK_M)
+    cut, max_cut, rank_base, bmin_base, k_base, v_base, bias_base, hi = _key_walk(
+        K, V, Bias, Rank, Cut, BMin, skb, skh, svb, svh, sbb, sbh,
+        b64, hkv, hb, start_m, offs_m, row_ok, H, HB_DIV, Tq, Tk, NBLK, CAUSAL, BLOCK_M)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Tq) + Tk - Tq, Tk)
     for start_n in range(0, hi, BLOCK_N):
         if _tile_min_rank(bmin_base, start_n, NBLK, BLOCK_N, SKIP) <= max_cut:
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -128,38 +152,17 @@ def _dma_bwd_dq_kernel(
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hkv = h // G
-    hb = h // HB_DIV
-    start_m = pid_m * BLOCK_M
-    b64 = b.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows_q = offs_m.to(tl.int64)
-    row_ok = offs_m < Tq
-    q = tl.load(Q + b64 * sqb + h * sqh + rows_q[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    h, hkv, hb, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q = _query_tile(
+        Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D, BLOCK_D, BLOCK_DV, BLOCK_M)
     do = tl.load(DO + b64 * sdob + h * sdoh + rows_q[:, None] * sdot + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + (b64 * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + (b64 * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    sel = (b64 * (H // HB_DIV) + hb)
-    cut = tl.load(Cut + sel * Tq + offs_m, mask=row_ok, other=-1)
-    max_cut = tl.max(cut, 0)
-    rank_base = Rank + sel * Tk
-    bmin_base = BMin + sel * NBLK
-    k_base = K + b64 * skb + hkv * skh
-    v_base = V + b64 * svb + hkv * svh
-    bias_base = Bias + b64 * sbb + hb * sbh
+    cut, max_cut, rank_base, bmin_base, k_base, v_base, bias_base, hi = _key_walk(
+        K, V, Bias, Rank, Cut, BMin, skb, skh, svb, svh, sbb, sbh,
+        b64, hkv, hb, start_m, offs_m, row_ok, H, HB_DIV, Tq, Tk, NBLK, CAUSAL, BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Tq) + Tk - Tq, Tk)
     for start_n in range(0, hi, BLOCK_N):
         if _tile_min_rank(bmin_base, start_n, NBLK, BLOCK_N, SKIP) <= max_cut:
             offs_n = start_n + tl.arange(0, BLOCK_N)

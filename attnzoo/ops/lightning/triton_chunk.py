@@ -75,14 +75,22 @@ def _dot_state(x, S, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _lightning_fwd_kernel(
-    Q, K, V, O, RATE, CU, H0, HT, scale,
-    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-):
+def _prologue(CU, RATE, S0, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+              BKD: tl.constexpr, BKV: tl.constexpr, BLOCK_OF_D: tl.constexpr, HAS_S0: tl.constexpr,
+              TRANSPOSED: tl.constexpr):
+    """What every kernel derives from its program ids ``(sequence * H + head, state block)`` before its
+    chunk loop. The state slice is ``[BKD, BKV]``: with BLOCK_OF_D a block of D and all of Dv, else all of
+    D and a block of Dv. Returns
+    - ``i_h, bos, T, s``: the head, the sequence's first token (int64) and length from ``CU``, and the
+      head's decay rate (``lambda = exp(-s)``);
+    - ``o_t, m_d, m_v, off_d, off_v``: token offsets, the D / Dv masks and the int32 in-chunk tile
+      offsets of the D- and Dv-wide tensors;
+    - ``m_s, base_s, p_s, S``: the state slice's mask, int64 scalar base and int32 tile offsets, and the
+      fp32 slice loaded from ``S0`` (with HAS_S0) or zeros;
+    - ``M, w_q``: the intra-chunk decay mask ``M_ij = lambda^(i-j)`` for ``i >= j``, else 0 (TRANSPOSED:
+      ``M^T``), and the per-row weights ``lambda^(i+1)`` of the state carried into a chunk."""
     i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
+    i_blk = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(CU + i_n).to(tl.int64)
@@ -90,8 +98,12 @@ def _lightning_fwd_kernel(
     s = tl.load(RATE + i_h).to(tl.float32)
 
     o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    o_v = i_v * BV + tl.arange(0, BV)
+    if BLOCK_OF_D:
+        o_d = i_blk * BKD + tl.arange(0, BKD)
+        o_v = tl.arange(0, BKV)
+    else:
+        o_d = tl.arange(0, BKD)
+        o_v = i_blk * BKV + tl.arange(0, BKV)
     m_d = o_d < D
     m_v = o_v < DV
     m_s = m_d[:, None] & m_v[None, :]
@@ -99,22 +111,59 @@ def _lightning_fwd_kernel(
     off_v = o_t[:, None] * (H * DV) + o_v[None, :]
     base_s = i_nh.to(tl.int64) * (D * DV)
     p_s = o_d[:, None] * DV + o_v[None, :]
-
-    if HAS_H0:
-        S = tl.load(H0 + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
+    if HAS_S0:
+        S = tl.load(S0 + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros([BD, BV], dtype=tl.float32)
+        S = tl.zeros([BKD, BKV], dtype=tl.float32)
 
-    # intra-chunk decay mask M_ij = lambda^(i-j) (i >= j) and the initial-state weights lambda^(i+1)
-    diff = o_t[:, None] - o_t[None, :]
+    if TRANSPOSED:
+        diff = o_t[None, :] - o_t[:, None]
+    else:
+        diff = o_t[:, None] - o_t[None, :]
     M = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)
     w_q = tl.exp(-s * (o_t + 1).to(tl.float32))
+    return i_h, bos, T, s, o_t, m_d, m_v, off_d, off_v, m_s, base_s, p_s, S, M, w_q
+
+
+@triton.jit
+def _key_decay(m_t, L, o_t, s):
+    """Per-row weights ``lambda^(L-1-j)`` up to the chunk's end (0 past the sequence's end)."""
+    return tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
+
+
+@triton.jit
+def _chunk(t0, o_t, T, bos, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """The chunk starting at token ``t0``: its token mask, length ``L`` and int64 scalar row base."""
+    m_t = (t0 + o_t) < T
+    L = tl.minimum(T - t0, BT)
+    row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+    return m_t, L, row
+
+
+@triton.jit
+def _advance_state(S, x, w, y, s, L, scale, SCALED: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``S <- lambda^L S + (w * x)^T y`` (the added term times ``scale`` with SCALED): the state (or dS) after
+    a chunk of length ``L``; ``w * x`` is split hi + lo (see :func:`_dot_hi_lo`)."""
+    xw = x.to(tl.float32) * w[:, None]
+    decayed = S * tl.exp(-s * L.to(tl.float32))
+    inc = _dot_hi_lo(tl.trans(xw), y, SPLIT, DOT_PREC)
+    if SCALED:
+        inc = inc * scale
+    return decayed + inc
+
+
+@triton.jit
+def _lightning_fwd_kernel(
+    Q, K, V, O, RATE, CU, H0, HT, scale,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    i_h, bos, T, s, o_t, m_d, m_v, off_d, off_v, m_s, base_s, p_s, S, M, w_q = _prologue(
+        CU, RATE, H0, H, D, DV, BT, BD, BV, False, HAS_H0, False)
 
     for i_t in range(0, tl.cdiv(T, BT)):
-        t0 = i_t * BT
-        m_t = (t0 + o_t) < T
-        L = tl.minimum(T - t0, BT)
-        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        m_t, L, row = _chunk(i_t * BT, o_t, T, bos, i_h, H, BT)
         q = tl.load(Q + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
         k = tl.load(K + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
         v = tl.load(V + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
@@ -123,9 +172,7 @@ def _lightning_fwd_kernel(
         o += w_q[:, None] * _dot_state(q, S, SPLIT, DOT_PREC)
         tl.store(O + row * DV + off_v, (o * scale).to(O.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
-        w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        kw = k.to(tl.float32) * w_k[:, None]
-        S = S * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(kw), v, SPLIT, DOT_PREC)
+        S = _advance_state(S, k, _key_decay(m_t, L, o_t, s), v, s, L, scale, False, SPLIT, DOT_PREC)
 
     tl.store(HT + base_s + p_s, S, mask=m_s)
 
@@ -138,38 +185,11 @@ def _lightning_bwd_dq_kernel(
     HAS_H0: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # dq_i = scale * [ sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j + lambda^(i+1) do_i S_prev^T ]
-    i_nh = tl.program_id(0)
-    i_k = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(CU + i_n).to(tl.int64)
-    T = tl.load(CU + i_n + 1).to(tl.int64) - bos
-    s = tl.load(RATE + i_h).to(tl.float32)
-
-    o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = tl.arange(0, BDV)
-    m_k = o_k < D
-    m_v = o_v < DV
-    m_s = m_k[:, None] & m_v[None, :]
-    off_k = o_t[:, None] * (H * D) + o_k[None, :]
-    off_v = o_t[:, None] * (H * DV) + o_v[None, :]
-    base_s = i_nh.to(tl.int64) * (D * DV)
-    p_s = o_k[:, None] * DV + o_v[None, :]
-    if HAS_H0:
-        S = tl.load(H0 + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BDV], dtype=tl.float32)
-
-    diff = o_t[:, None] - o_t[None, :]
-    M = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)
-    w_q = tl.exp(-s * (o_t + 1).to(tl.float32))
+    i_h, bos, T, s, o_t, m_k, m_v, off_k, off_v, m_s, base_s, p_s, S, M, w_q = _prologue(
+        CU, RATE, H0, H, D, DV, BT, BK, BDV, True, HAS_H0, False)
 
     for i_t in range(0, tl.cdiv(T, BT)):
-        t0 = i_t * BT
-        m_t = (t0 + o_t) < T
-        L = tl.minimum(T - t0, BT)
-        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        m_t, L, row = _chunk(i_t * BT, o_t, T, bos, i_h, H, BT)
         k = tl.load(K + row * D + off_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
         v = tl.load(V + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         do = tl.load(DO + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
@@ -178,9 +198,7 @@ def _lightning_bwd_dq_kernel(
         dq += w_q[:, None] * _dot_state(do, tl.trans(S), SPLIT, DOT_PREC)
         tl.store(DQ + row * D + off_k, (dq * scale).to(DQ.dtype.element_ty),
                  mask=m_t[:, None] & m_k[None, :])
-        w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        kw = k.to(tl.float32) * w_k[:, None]
-        S = S * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(kw), v, SPLIT, DOT_PREC)
+        S = _advance_state(S, k, _key_decay(m_t, L, o_t, s), v, s, L, scale, False, SPLIT, DOT_PREC)
 
 
 @triton.jit
@@ -191,50 +209,21 @@ def _lightning_bwd_dk_kernel(
     HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i . v_j) q_i + lambda^(L-1-j) v_j dS^T
-    i_nh = tl.program_id(0)
-    i_k = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(CU + i_n).to(tl.int64)
-    T = tl.load(CU + i_n + 1).to(tl.int64) - bos
-    s = tl.load(RATE + i_h).to(tl.float32)
-
-    o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = tl.arange(0, BDV)
-    m_k = o_k < D
-    m_v = o_v < DV
-    m_s = m_k[:, None] & m_v[None, :]
-    off_k = o_t[:, None] * (H * D) + o_k[None, :]
-    off_v = o_t[:, None] * (H * DV) + o_v[None, :]
-    base_s = i_nh.to(tl.int64) * (D * DV)
-    p_s = o_k[:, None] * DV + o_v[None, :]
-    if HAS_DHT:
-        dS = tl.load(DHT + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BDV], dtype=tl.float32)
-
-    # transposed mask: Mt[j, i] = lambda^(i-j) for i >= j
-    diff = o_t[None, :] - o_t[:, None]
-    Mt = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)
-    w_q = tl.exp(-s * (o_t + 1).to(tl.float32))
+    # Mt[j, i] = lambda^(i-j) for i >= j (the transposed decay mask)
+    i_h, bos, T, s, o_t, m_k, m_v, off_k, off_v, m_s, base_s, p_s, dS, Mt, w_q = _prologue(
+        CU, RATE, DHT, H, D, DV, BT, BK, BDV, True, HAS_DHT, True)
 
     NT = tl.cdiv(T, BT)
     for i_r in range(0, NT):
-        t0 = (NT - 1 - i_r) * BT
-        m_t = (t0 + o_t) < T
-        L = tl.minimum(T - t0, BT)
-        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        m_t, L, row = _chunk((NT - 1 - i_r) * BT, o_t, T, bos, i_h, H, BT)
         q = tl.load(Q + row * D + off_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
         v = tl.load(V + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         do = tl.load(DO + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         A = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * Mt
         dk = tl.dot(A.to(q.dtype), q, input_precision=DOT_PREC) * scale
-        w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        dk += w_k[:, None] * _dot_state(v, tl.trans(dS), SPLIT, DOT_PREC)
+        dk += _key_decay(m_t, L, o_t, s)[:, None] * _dot_state(v, tl.trans(dS), SPLIT, DOT_PREC)
         tl.store(DK + row * D + off_k, dk.to(DK.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-        qw = q.to(tl.float32) * w_q[:, None]
-        dS = dS * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(qw), do, SPLIT, DOT_PREC) * scale
+        dS = _advance_state(dS, q, w_q, do, s, L, scale, True, SPLIT, DOT_PREC)
 
 
 @triton.jit
@@ -245,49 +234,20 @@ def _lightning_bwd_dv_kernel(
     HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i + lambda^(L-1-j) k_j dS ; dS after chunk 0 = dS0
-    i_nh = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(CU + i_n).to(tl.int64)
-    T = tl.load(CU + i_n + 1).to(tl.int64) - bos
-    s = tl.load(RATE + i_h).to(tl.float32)
-
-    o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_d = o_d < D
-    m_v = o_v < DV
-    m_s = m_d[:, None] & m_v[None, :]
-    off_d = o_t[:, None] * (H * D) + o_d[None, :]
-    off_v = o_t[:, None] * (H * DV) + o_v[None, :]
-    base_s = i_nh.to(tl.int64) * (D * DV)
-    p_s = o_d[:, None] * DV + o_v[None, :]
-    if HAS_DHT:
-        dS = tl.load(DHT + base_s + p_s, mask=m_s, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BD, BV], dtype=tl.float32)
-
-    diff = o_t[None, :] - o_t[:, None]
-    Mt = tl.where(diff >= 0, tl.exp(-s * tl.maximum(diff, 0).to(tl.float32)), 0.0)
-    w_q = tl.exp(-s * (o_t + 1).to(tl.float32))
+    i_h, bos, T, s, o_t, m_d, m_v, off_d, off_v, m_s, base_s, p_s, dS, Mt, w_q = _prologue(
+        CU, RATE, DHT, H, D, DV, BT, BD, BV, False, HAS_DHT, True)
 
     NT = tl.cdiv(T, BT)
     for i_r in range(0, NT):
-        t0 = (NT - 1 - i_r) * BT
-        m_t = (t0 + o_t) < T
-        L = tl.minimum(T - t0, BT)
-        row = (bos + t0) * H + i_h  # int64 scalar; tile offsets stay int32 (no 64-bit offset tiles)
+        m_t, L, row = _chunk((NT - 1 - i_r) * BT, o_t, T, bos, i_h, H, BT)
         q = tl.load(Q + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
         k = tl.load(K + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
         do = tl.load(DO + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
         A = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * Mt
         dv = tl.dot(A.to(do.dtype), do, input_precision=DOT_PREC) * scale
-        w_k = tl.where(m_t, tl.exp(-s * tl.maximum(L - 1 - o_t, 0).to(tl.float32)), 0.0)
-        dv += w_k[:, None] * _dot_state(k, dS, SPLIT, DOT_PREC)
+        dv += _key_decay(m_t, L, o_t, s)[:, None] * _dot_state(k, dS, SPLIT, DOT_PREC)
         tl.store(DV_ + row * DV + off_v, dv.to(DV_.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        qw = q.to(tl.float32) * w_q[:, None]
-        dS = dS * tl.exp(-s * L.to(tl.float32)) + _dot_hi_lo(tl.trans(qw), do, SPLIT, DOT_PREC) * scale
+        dS = _advance_state(dS, q, w_q, do, s, L, scale, True, SPLIT, DOT_PREC)
 
     tl.store(DH0 + base_s + p_s, dS, mask=m_s)
 
