@@ -355,6 +355,30 @@ def test_block_mask_never_loads_unlisted_blocks():
     assert (o.double() - ref).abs().max() < 1e-5
 
 
+def test_dense_mask_skips_the_tiles_it_empties():
+    """A dense bool mask runs as a block mask: a key tile it empties for every query is never loaded
+    (NaN there would reach the output and the gradients), in the forward and the backward."""
+    from attnzoo.ops.attention.triton_backend import dense_mask_block
+
+    torch.manual_seed(8)
+    T = 3 * dense_mask_block(backends.triton_interpreter_on() and DEV == "cpu")
+    blk = T // 3
+    q = _rand(2, T, 2, 16, dtype=torch.float32).requires_grad_()
+    k, v = (_rand(2, T, 1, 16, dtype=torch.float32) for _ in range(2))
+    mask = torch.rand(2, 1, T, T, device=DEV) > 0.3
+    mask[..., blk : 2 * blk] = False  # the middle key tile is empty for every query
+    k[:, blk : 2 * blk] = float("nan")
+    v[:, blk : 2 * blk] = float("nan")
+    k.requires_grad_()
+    v.requires_grad_()
+    o = attnzoo.attention(q, k, v, mask=mask, backend="triton")
+    dq, dk, dv = torch.autograd.grad(o.sum(), (q, k, v))
+    assert torch.isfinite(o).all() and torch.isfinite(dq).all()
+    assert torch.isfinite(dk[:, :blk]).all() and torch.isfinite(dv[:, 2 * blk :]).all()
+    ref = attention_reference(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), mask=mask)
+    assert (o.double() - ref).abs().max() < 1e-5
+
+
 def test_backward_is_deterministic():
     """No atomics: dK/dV (and dbias of a bias shared by the group) are summed over the GQA group inside one
     program, so reruns are bit-identical."""

@@ -68,6 +68,26 @@ def supports_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, **_
     return reasons
 
 
+def dense_mask_block(interpreted: bool) -> int:
+    """Block size a dense mask is summarised at: a multiple of every kernel tile (128 on a GPU; the
+    interpreter's 16-row tiles under TRITON_INTERPRET, so small tests cross blocks)."""
+    return MIN_BLOCK if interpreted else 128
+
+
+def _dense_mask_as_blocks(kern, mask: torch.Tensor, B: int, H: int, Tq: int, Tk: int):
+    """Block lists of a dense bool ``mask [B|1, H|Hkv|1, Tq, Tk]`` (kv heads expanded to query heads) and
+    the mask as the element mask of the partial blocks. Costs one pass over the mask."""
+    from attnzoo.ops.attention.reference import expand_kv_heads
+    from attnzoo.ops.masks.block_mask import block_mask_from_dense
+
+    mask = expand_kv_heads(mask, H, 1)
+    size = dense_mask_block(kern.F.interpreter())
+    bm = block_mask_from_dense(mask, (size, size))
+    bm.mask_mod = None  # the element mask is ``mask`` itself: no need to evaluate it back
+    (kvn, kvi, fn, fi, _), blocks = kern.F.block_mask_tensors(bm, B, H, Tq, Tk, mask.device)
+    return (kvn, kvi, fn, fi, mask), blocks
+
+
 def _max_len(cu: torch.Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
 
@@ -95,6 +115,11 @@ def attention_triton(
     if block_mask is not None:
         (kvn, kvi, fn, fi, em), (bq, bk) = kern.F.block_mask_tensors(
             block_mask, q.shape[0], q.shape[2], max_q, max_k, q.device)
+    elif mask is not None:
+        # a dense bool mask runs as a block mask: tiles it empties are never visited, tiles it fills skip
+        # the element test, and the mask itself is the partial tiles' element mask
+        (kvn, kvi, fn, fi, em), (bq, bk) = _dense_mask_as_blocks(kern, mask, q.shape[0], q.shape[2], max_q, max_k)
+        mask = None
     o, lse = torch.ops.attnzoo.attention_fwd(
         q, k, v, bias, mask, key_padding_mask, em, cu_seqlens_q, cu_seqlens_k, kvn, kvi, fn, fi,
         float(scale), bool(causal), int(window[0]), int(window[1]), max_q, max_k, bq, bk,
