@@ -199,10 +199,13 @@ def _attn_bwd_dkdv_kernel(
                         tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0,
                                          "kernel tiles must divide BlockMask blocks")
                         row = (b64 * H + h) * Mq_bm + start_n // BM_BK
-                        if HAS_FULL:
-                            n_full = tl.load(FullNum + row)
-                            for i in range(0, n_full):
-                                mb = tl.load(FullIdx + row * Nk_bm + i)
+                        # part 0: full blocks (no element mask); part 1: partial ones (element mask when HAS_EM)
+                        for part in tl.static_range(0 if HAS_FULL else 1, 2):
+                            blk_num = FullNum if part == 0 else KvNum
+                            blk_idx = FullIdx if part == 0 else KvIdx
+                            n_blk = tl.load(blk_num + row)
+                            for i in range(0, n_blk):
+                                mb = tl.load(blk_idx + row * Nk_bm + i)
                                 for sub in range(0, BM_BQ // BLOCK_M):
                                     start_m = mb * BM_BQ + sub * BLOCK_M
                                     if (start_m < hi) & (start_m + BLOCK_M > lo):
@@ -211,21 +214,9 @@ def _attn_bwd_dkdv_kernel(
                                             q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
                                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
                                             db_base, sdbm, sdbn, scale_log2,
-                                            HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
+                                            HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
+                                            HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
                                             DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
-                        n_part = tl.load(KvNum + row)
-                        for i in range(0, n_part):
-                            mb = tl.load(KvIdx + row * Nk_bm + i)
-                            for sub in range(0, BM_BQ // BLOCK_M):
-                                start_m = mb * BM_BQ + sub * BLOCK_M
-                                if (start_m < hi) & (start_m + BLOCK_M > lo):
-                                    dk, dv, db_row = _bwd_kv_inner(
-                                        dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                                        q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
-                                        bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                        db_base, sdbm, sdbn, scale_log2,
-                                        HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                        DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
                     else:
                         lo_m = (lo // BLOCK_M) * BLOCK_M
                         for start_m in range(lo_m, hi, BLOCK_M):
@@ -336,10 +327,13 @@ def _attn_bwd_dq_kernel(
     if SPARSE:
         tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0, "kernel tiles must divide BlockMask blocks")
         row = (b64 * H + h) * Mq_bm + start_m // BM_BQ
-        if HAS_FULL:
-            n_full = tl.load(FullNum + row)
-            for i in range(0, n_full):
-                kb = tl.load(FullIdx + row * Nk_bm + i)
+        # part 0: full blocks (no element mask); part 1: partial ones (element mask when HAS_EM)
+        for part in tl.static_range(0 if HAS_FULL else 1, 2):
+            blk_num = FullNum if part == 0 else KvNum
+            blk_idx = FullIdx if part == 0 else KvIdx
+            n_blk = tl.load(blk_num + row)
+            for i in range(0, n_blk):
+                kb = tl.load(blk_idx + row * Nk_bm + i)
                 for sub in range(0, BM_BK // BLOCK_N):
                     start_n = kb * BM_BK + sub * BLOCK_N
                     if (start_n < hi) & (start_n + BLOCK_N > lo):
@@ -348,21 +342,8 @@ def _attn_bwd_dq_kernel(
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
                             Q, 0, 0, scale_log2,
-                            HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
-                            BLOCK_N, BLOCK_D, BLOCK_DV)
-        n_part = tl.load(KvNum + row)
-        for i in range(0, n_part):
-            kb = tl.load(KvIdx + row * Nk_bm + i)
-            for sub in range(0, BM_BK // BLOCK_N):
-                start_n = kb * BM_BK + sub * BLOCK_N
-                if (start_n < hi) & (start_n + BLOCK_N > lo):
-                    dq = _bwd_q_inner(
-                        dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-                        k_base, v_base, skt, skd, svt, svd, D, DV,
-                        bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                        Q, 0, 0, scale_log2,
-                        HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
-                        BLOCK_N, BLOCK_D, BLOCK_DV)
+                            HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False, HAS_LEFT, HAS_RIGHT,
+                            False, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
         for start_n in range(lo, hi, BLOCK_N):

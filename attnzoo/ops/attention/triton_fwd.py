@@ -210,10 +210,13 @@ def _attn_fwd_kernel(
     if SPARSE:
         tl.static_assert(BM_BQ % BLOCK_M == 0 and BM_BK % BLOCK_N == 0, "kernel tiles must divide BlockMask blocks")
         row = (b64 * H + h) * Mq_bm + start_m // BM_BQ
-        if HAS_FULL:
-            n_full = tl.load(FullNum + row)
-            for i in range(0, n_full):
-                kb = tl.load(FullIdx + row * Nk_bm + i)
+        # part 0 walks the full blocks (no element mask), part 1 the partial ones (element mask when HAS_EM)
+        for part in tl.static_range(0 if HAS_FULL else 1, 2):
+            blk_num = FullNum if part == 0 else KvNum
+            blk_idx = FullIdx if part == 0 else KvIdx
+            n_blk = tl.load(blk_num + row)
+            for i in range(0, n_blk):
+                kb = tl.load(blk_idx + row * Nk_bm + i)
                 for sub in range(0, BM_BK // BLOCK_N):
                     start_n = kb * BM_BK + sub * BLOCK_N
                     if (start_n < hi) & (start_n + BLOCK_N > lo):
@@ -221,20 +224,8 @@ def _attn_fwd_kernel(
                             acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                            BLOCK_N, BLOCK_D, BLOCK_DV)
-        n_part = tl.load(KvNum + row)
-        for i in range(0, n_part):
-            kb = tl.load(KvIdx + row * Nk_bm + i)
-            for sub in range(0, BM_BK // BLOCK_N):
-                start_n = kb * BM_BK + sub * BLOCK_N
-                if (start_n < hi) & (start_n + BLOCK_N > lo):
-                    acc, l_i, m_i = _fwd_inner(
-                        acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-                        k_base, v_base, skt, skd, svt, svd, D, DV,
-                        bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                        scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                        BLOCK_N, BLOCK_D, BLOCK_DV)
+                            scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
+                            HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
         for start_n in range(lo, hi, BLOCK_N):
