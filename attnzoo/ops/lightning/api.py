@@ -58,6 +58,21 @@ def check_decay(decay, H: int, q: torch.Tensor) -> Optional[torch.Tensor]:
     return decay
 
 
+def _check_heads_scale_decay(q, k, v, scale, decay):
+    """Shape agreement of ``q, k [B, T, H, D]`` and ``v [B, T, H, Dv]``, head dims, scale and decay (shared by
+    the chunked op and the decode step). Returns the checked ``(scale, decay)``."""
+    if k.shape != q.shape:
+        raise InputError(
+            f"k: shape {V.shape_str(k)} must equal q's {V.shape_str(q)} [B, T, H, D] (lightning attention has no "
+            f"GQA in the op; repeat kv heads first)"
+        )
+    if v.shape[:-1] != q.shape[:-1]:
+        raise InputError(f"v: shape {V.shape_str(v)} must match q {V.shape_str(q)} in every dim but the last")
+    V.check_head_dim("q", q.shape[-1])
+    V.check_head_dim("v", v.shape[-1])
+    return check_scale(scale), check_decay(decay, q.shape[2], q)
+
+
 def validate_lightning(q, k, v, *, decay, scale, initial_state, output_final_state, cu_seqlens):
     """Checks every argument; returns ``(q, k, v, decay, scale, squeeze)`` with varlen rank-3 inputs
     unsqueezed to ``[1, N, H, D]`` (``squeeze`` tells the caller to undo it on the output)."""
@@ -72,17 +87,7 @@ def validate_lightning(q, k, v, *, decay, scale, initial_state, output_final_sta
     if squeeze:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     B, T, H, D = q.shape
-    if k.shape != q.shape:
-        raise InputError(
-            f"k: shape {V.shape_str(k)} must equal q's {V.shape_str(q)} [B, T, H, D] (lightning attention has no "
-            f"GQA in the op; repeat kv heads first)"
-        )
-    if v.shape[:-1] != q.shape[:-1]:
-        raise InputError(f"v: shape {V.shape_str(v)} must match q {V.shape_str(q)} in every dim but the last")
-    V.check_head_dim("q", D)
-    V.check_head_dim("v", v.shape[-1])
-    scale = check_scale(scale)
-    decay = check_decay(decay, H, q)
+    scale, decay = _check_heads_scale_decay(q, k, v, scale, decay)
     if not isinstance(output_final_state, bool):
         raise InputError(f"output_final_state: expected a bool, got {output_final_state!r}")
     n = B
@@ -187,14 +192,7 @@ def lightning_decode(
         V.check_tensor(name, t, ranks=(4,))
     V.check_same(("q", "k", "v"), (q, k, v))
     B, Tn, H, D = q.shape
-    if k.shape != q.shape:
-        raise InputError(f"k: shape {V.shape_str(k)} must equal q's {V.shape_str(q)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise InputError(f"v: shape {V.shape_str(v)} must match q {V.shape_str(q)} in every dim but the last")
-    V.check_head_dim("q", D)
-    V.check_head_dim("v", v.shape[-1])
-    scale = check_scale(scale)
-    decay = check_decay(decay, H, q)
+    scale, decay = _check_heads_scale_decay(q, k, v, scale, decay)
     sd = state_dtype(q.dtype)
     V.check_tensor("state", state, ranks=(4,), dtypes=(sd,))
     V.check_same(("q", "state"), (q, state), dtype=False)
