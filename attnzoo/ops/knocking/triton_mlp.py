@@ -256,13 +256,13 @@ def _fits(c, words: int) -> bool:
 
 
 def _prune_rows(configs, nargs, **kwargs):
-    bd = nargs["BLOCK_D"]
+    bd = {**nargs, **kwargs}["BLOCK_D"]  # launch arguments passed by keyword arrive in kwargs
     out = [c for c in configs if c.kwargs["BLOCK_H"] <= bd and _fits(c, 2 * c.kwargs["BLOCK_M"] * bd)]
     return out or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * bd / c.num_warps, c.kwargs["BLOCK_H"]))]
 
 
 def _prune_dw(configs, nargs, **kwargs):
-    bd = nargs["BLOCK_D"]
+    bd = {**nargs, **kwargs}["BLOCK_D"]  # launch arguments passed by keyword arrive in kwargs
     out = [c for c in configs if c.kwargs["BLOCK_H"] <= bd and _fits(c, 4 * bd * c.kwargs["BLOCK_H"] + c.kwargs["BLOCK_M"] * bd)]
     return out or [min(configs, key=lambda c: (c.kwargs["BLOCK_H"] * bd / c.num_warps, c.kwargs["BLOCK_M"]))]
 
