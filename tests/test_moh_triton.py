@@ -5,6 +5,7 @@ of q, k, v and the gates are held to SPEC §0's rule. Under the interpreter: tin
 packed tiles cross boundaries; fresh buffers are NaN-filled so unwritten active rows fail.
 """
 
+import contextlib
 import os
 
 import torch
@@ -130,3 +131,132 @@ def test_module_triton_equals_reference_backend():
     m.backend = "triton"
     y = m(x)
     torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode: a few queries without gradient go through the split-K decode kernel with gates
+
+
+@contextlib.contextmanager
+def decode_calls():
+    """Records launches of the split-K decode kernel (True = with gates), so a test knows which path ran."""
+    from attnzoo.ops.attention import triton_decode
+
+    calls = []
+    real = triton_decode.decode_launch
+
+    def spy(*args, **kw):
+        calls.append(kw.get("gates") is not None)
+        return real(*args, **kw)
+
+    triton_decode.decode_launch = spy
+    try:
+        yield calls
+    finally:
+        triton_decode.decode_launch = real
+
+
+@settings(max_examples=10)
+@given(
+    B=st.integers(1, 3),
+    Tq=st.integers(1, 16),
+    Tk=st.integers(1, 70),
+    heads=st.sampled_from([(1, 1), (4, 1), (4, 2), (6, 3), (8, 2)]),
+    D=st.sampled_from([16, 24, 64]),
+    frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    causal=st.booleans(),
+    window=st.sampled_from([(-1, -1), (7, 0), (5, 3)]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_matches_dense_reference(B, Tq, Tk, heads, D, frac, causal, window, dtype, seed):
+    H, Hkv = heads
+    gen = torch.Generator().manual_seed(seed)
+    gates = make_gates(B, Tq, H, frac, gen)
+    q = torch.randn(B, Tq, H, D, generator=gen)
+    k = torch.randn(B, Tk, Hkv, D, generator=gen)
+    v = torch.randn(B, Tk, Hkv, D, generator=gen)
+
+    def run(backend, dt):
+        with torch.no_grad():
+            return az.moh_attention(*(t.to(DEV, dt) for t in (q, k, v, gates)), causal=causal, window=window,
+                                    backend=backend)
+
+    with decode_calls() as calls:
+        got = run("triton", dtype)
+    assert calls == [True]
+    hi = run("reference", torch.float64)
+    with lowp_reference():
+        lo = run("reference", dtype)
+    assert_close_by_rule(got, hi, lo, f"moh decode o ({dtype})", dtype=dtype)
+
+
+def test_decode_never_reads_idle_kv_heads():
+    """kv heads none of whose query heads is active are never read: NaN there must not reach the output."""
+    B, Tq, Tk, H, Hkv, D = 2, 3, 150, 8, 4, 32
+    gen = torch.Generator().manual_seed(5)
+    gates = torch.rand(B, Tq, H, generator=gen) + 0.5
+    idle = torch.tensor([[0, 2], [1, 3]])  # per batch, two kv heads with every query head (G = 2) inactive
+    for b in range(B):
+        for kvh in idle[b].tolist():
+            gates[b, :, 2 * kvh:2 * kvh + 2] = 0
+    gates[0, 1, 3] = 0  # and one inactive row inside an active group
+    q = torch.randn(B, Tq, H, D, generator=gen, device="cpu").to(DEV)
+    k, v = (torch.randn(B, Tk, Hkv, D, generator=gen, device="cpu").to(DEV) for _ in range(2))
+    k_bad, v_bad = k.clone(), v.clone()
+    for b in range(B):
+        k_bad[b, :, idle[b]] = float("nan")
+        v_bad[b, :, idle[b]] = float("nan")
+    with torch.no_grad(), decode_calls() as calls:
+        got = az.moh_attention(q, k_bad, v_bad, gates.to(DEV), causal=True, backend="triton")
+        ref = az.moh_attention(q, k, v, gates.to(DEV), causal=True, backend="reference")
+    assert calls == [True]
+    assert torch.isfinite(got).all()
+    assert torch.all(got[gates.to(DEV) == 0] == 0)
+    assert_close_by_rule(got, ref.double(), ref, "moh decode with idle kv heads", dtype=torch.float32)
+
+
+def test_decode_path_only_without_gradient_or_padding():
+    B, T, H, D = 1, 4, 2, 16
+    q, k, v = (torch.randn(B, T, H, D, device=DEV) for _ in range(3))
+    gates = torch.ones(B, T, H, device=DEV)
+    kpm = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    with decode_calls() as calls:
+        az.moh_attention(q, k, v, gates, causal=True, backend="triton", key_padding_mask=kpm)
+        az.moh_attention(q, k, v, gates.requires_grad_(), causal=True, backend="triton")
+    assert calls == []  # padding, then a gradient: both take the packed-row kernels
+
+
+def test_module_generation_triton_equals_reference_backend():
+    torch.manual_seed(1)
+    m = az.MoHAttention(64, 8, 2, num_shared_heads=2, top_k=3, rope=True, backend="reference").to(DEV).eval()
+    with torch.no_grad():
+        m.router_routed.normal_(0, 0.5)
+    x = torch.randn(2, 23, 64, device=DEV)
+    outs = {}
+    for backend in ("reference", "triton"):
+        m.backend = backend
+        cache = m.new_cache(2)
+        with torch.no_grad(), decode_calls() as calls:
+            steps = [m(x[:, :20], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(20, 23)]
+        outs[backend] = torch.cat(steps, 1)
+    assert calls == ([True] * 3 if backend == "triton" else [])  # the three one-token steps
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=2e-5, rtol=1e-4)
+
+
+def test_decode_op_checks_and_compiles_fullgraph():
+    from attnzoo.ops.moh import triton_moh  # noqa: F401 - registers attnzoo::moh_decode
+
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 4, 16, generator=gen).to(DEV)
+    k, v = (torch.randn(2, 40, 2, 16, generator=gen).to(DEV) for _ in range(2))
+    gates = make_gates(2, 2, 4, 0.5, gen).to(DEV)
+    torch.library.opcheck(torch.ops.attnzoo.moh_decode.default, (q, k, v, gates, 0.25, True, -1, -1))
+
+    def f(q, k, v, g):
+        return az.moh_attention(q, k, v, g, causal=True, backend="triton")
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, gates),
+                                   f(q, k, v, gates))

@@ -24,11 +24,9 @@ from attnzoo.modules.cache import KVCache
 from attnzoo.modules.knocking import KnockingHeads
 from attnzoo.modules.rope import RotaryEmbedding
 from attnzoo.ops.attention.api import attention, attention_with_kvcache
+from attnzoo.ops.attention.triton_backend import MAX_DECODE_QUERIES  # new tokens a decode step may bring
 from attnzoo.ops.knocking.reference import fold_linear_into_proj
 from attnzoo.ops.validate import MAX_HEAD_DIM, shape_str
-
-MAX_DECODE_QUERIES = 16  # new tokens per step that go through the decode op (attention_with_kvcache)
-
 
 def resolve_heads(dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int]) -> Tuple[int, int]:
     """Validate the head layout; returns ``(num_kv_heads, head_dim)``."""

@@ -24,8 +24,10 @@ Three kinds of case (``case.params["kind"]``), each its own groups:
 - ``decode``: one new token per sequence (B = 16) against a KV cache of 4k..32k tokens, 32 query / 8 kv
   heads of 128, causal (the new token sees the whole cache). Half of each token's query heads are active;
   x = the fraction of kv groups with no active query head (0, 0.25, 0.5) -- the kv heads whose K/V a
-  head-sparse kernel need not read. attnzoo's ``moh_attention`` with Tq = 1 against dense decode (SDPA /
-  flash-attn) then mask, whose cost does not fall with x. Bytes are the dense decode's (SPEC §2).
+  head-sparse kernel need not read. attnzoo's ``moh_attention`` with Tq = 1 (no gradient, so its Triton
+  backend takes the split-K decode kernel with gates: one read per GQA group, idle kv groups never read)
+  against dense decode (SDPA / flash-attn) then mask, whose cost does not fall with x. Bytes are the dense
+  decode's (SPEC §2).
 """
 
 from __future__ import annotations

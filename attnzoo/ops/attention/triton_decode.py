@@ -15,6 +15,9 @@ small kernel merges the splits with the log-sum-exp: ``o = sum_s exp(lse_s - lse
 What is skipped: keys at or beyond ``cache_seqlens[b]`` and, with a sliding window, keys left of the
 window of the oldest new query are never loaded (a split whose range is empty stores ``lse = -inf`` and
 does no work). Causal is bottom-right per batch: new token ``t`` sits at position ``t + len - Tn``.
+MoH (``gates [B, Tn, H]``, :func:`decode_launch`): rows with gate 0 are masked out of every key tile, a
+program none of whose rows is active reads no K/V (so kv heads left without an active query head cost
+nothing but the launch), and the merge multiplies by the gate.
 Precision as in the forward kernel (fp32 accumulation, IEEE fp32 dots for fp32 inputs).
 
 Launch shape: fixed heuristic tiles (not autotuned): BLOCK_N = 64 for rows of <= 256 bytes (fp16 D <= 128),
@@ -41,12 +44,13 @@ MAX_ROWS_PER_PROGRAM = 64
 @triton.jit(do_not_specialize=["Tn", "G", "Hkv", "D", "DV", "page_size", "keys_per_split", "win_left",
                                "win_right", "R"])
 def _decode_kernel(
-    Q, K, V, Lens, BT, OP, LP,
-    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sbtb, sbtp,
+    Q, K, V, Lens, BT, Gates, OP, LP,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sbtb, sbtp, sgb, sgt, sgh,
     sopb, soph, sops, sopr, sopd, slpb, slph, slps, slpr,
     Tn, G, Hkv, D, DV, R, page_size, keys_per_split, scale_log2, win_left, win_right,
-    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_GATES: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -70,6 +74,12 @@ def _decode_kernel(
         lo = tl.maximum(L - Tn - win_left, 0)
     s_lo = tl.maximum(pid_s * keys_per_split, lo)
     s_hi = tl.minimum((pid_s + 1) * keys_per_split, L)
+    row_on = row_ok  # rows that attend (all rows are stored: inactive ones as o = 0, lse = -inf)
+    if HAS_GATES:
+        # MoH: only active (token, head) rows attend; a block with none reads no K/V at all
+        gate = tl.load(Gates + b64 * sgb + t * sgt + h * sgh, mask=row_ok, other=0.0)
+        row_on = row_ok & (gate != 0)
+        s_hi = tl.where(tl.max(row_on.to(tl.int32), 0) > 0, s_hi, s_lo)
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -88,7 +98,7 @@ def _decode_kernel(
         kt = tl.load(K + k_off[None, :] + hkv * skh + offs_d[:, None] * skd,
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
-        keep = row_ok[:, None] & n_ok[None, :]
+        keep = row_on[:, None] & n_ok[None, :]
         if HAS_LEFT or HAS_RIGHT:
             dd = offs_n[None, :] - qpos[:, None]
             if HAS_LEFT:
@@ -118,11 +128,11 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=["S", "G", "Hkv", "Tn", "DV", "R"])
 def _decode_merge_kernel(
-    OP, LP, O, LSE,
+    OP, LP, O, LSE, Gates,
     sopb, soph, sops, sopr, sopd, slpb, slph, slps, slpr,
-    sob, sot, soh, sod, slb, slh, slt,
+    sob, sot, soh, sod, slb, slh, slt, sgb, sgt, sgh,
     S, G, Hkv, Tn, DV, R,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_GATES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over (b, hkv, r)
     r = pid % R
@@ -144,6 +154,8 @@ def _decode_merge_kernel(
     lse = tl.where(tot == 0.0, float("-inf"), m_safe + tl.log(tot_safe))
     t = r // G
     h = hkv * G + r % G
+    if HAS_GATES:
+        o = o * tl.load(Gates + b64 * sgb + t * sgt + h * sgh).to(tl.float32)  # inactive rows: o = 0 * 0
     tl.store(O + b64 * sob + t * sot + h * soh + offs_dv * sod, o.to(O.dtype.element_ty), mask=offs_dv < DV)
     tl.store(LSE + b64 * slb + h * slh + t * slt, lse)
 
@@ -159,12 +171,14 @@ def _num_sms(device) -> int:
     return 1
 
 
-@torch.library.custom_op("attnzoo::attention_decode", mutates_args=())
-def attention_decode(
+def decode_launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     block_table: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
+    gates: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``o [B, Tn, H, Dv]`` (q's dtype) and ``lse [B, H, Tn]`` fp32; ``cache_seqlens`` int32."""
+    """Split-K decode: ``o [B, Tn, H, Dv]`` (q's dtype) and ``lse [B, H, Tn]`` fp32; ``cache_seqlens`` int32.
+    With ``gates [B, Tn, H]`` (MoH): ``o = gate * attention`` and rows with gate 0 do no work (their ``o``
+    is 0, their lse ``-inf``); a (batch, kv head) whose query heads are all inactive reads no K/V."""
     B, Tn, H, D = q.shape
     Hkv, DV = k_cache.shape[2], v_cache.shape[3]
     G = H // Hkv
@@ -195,23 +209,34 @@ def attention_decode(
     lp = F.new_output((B, Hkv, splits, R), dtype=torch.float32, device=q.device)
     right = 0 if causal else window_right
     bt = block_table if paged else cache_seqlens
+    has_gates = gates is not None
+    g_arg, g_strides = (gates, gates.stride()) if has_gates else (cache_seqlens, (0, 0, 0))
     _decode_kernel[(splits, B * Hkv, n_rblocks)](
-        q, k_cache, v_cache, cache_seqlens, bt, op, lp,
+        q, k_cache, v_cache, cache_seqlens, bt, g_arg, op, lp,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *(block_table.stride() if paged else (0, 0)),
+        *(block_table.stride() if paged else (0, 0)), *g_strides,
         *op.stride(), *lp.stride(),
         Tn, G, Hkv, D, DV, R, k_cache.shape[1] if paged else 1, keys_per_split,
         scale * F.LOG2E, max(window_left, 0), max(right, 0),
-        PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0,
+        PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0, HAS_GATES=has_gates,
         DOT_PREC=F.dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=F.head_block(D),
         BLOCK_DV=F.head_block(DV), num_warps=4, num_stages=num_stages,
     )
     _decode_merge_kernel[(B * Hkv * R,)](
-        op, lp, o, lse, *op.stride(), *lp.stride(), *o.stride(), *lse.stride(),
+        op, lp, o, lse, g_arg, *op.stride(), *lp.stride(), *o.stride(), *lse.stride(), *g_strides,
         splits, G, Hkv, Tn, DV, R,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=F.head_block(DV), num_warps=4,
+        HAS_GATES=has_gates, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=F.head_block(DV), num_warps=4,
     )
     return o, lse
+
+
+@torch.library.custom_op("attnzoo::attention_decode", mutates_args=())
+def attention_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``o [B, Tn, H, Dv]`` (q's dtype) and ``lse [B, H, Tn]`` fp32; ``cache_seqlens`` int32."""
+    return decode_launch(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right)
 
 
 @attention_decode.register_fake

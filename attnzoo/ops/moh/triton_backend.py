@@ -11,6 +11,7 @@ from typing import List
 import torch
 
 from attnzoo import backends
+from attnzoo.ops.attention.triton_backend import MAX_DECODE_QUERIES
 
 def supports_moh(q, k, v, gates, **_) -> List[str]:
     reasons = backends.triton_tensor_reasons(q, "q")
@@ -19,11 +20,24 @@ def supports_moh(q, k, v, gates, **_) -> List[str]:
     return reasons
 
 
+def decoding(q, k, v, gates, key_padding_mask) -> bool:
+    """A few queries, no padding and no gradient go through the split-K decode kernel (with gates): the
+    packed-row kernel would read each K/V tile once per active query head and not split long caches."""
+    return (
+        q.shape[1] <= MAX_DECODE_QUERIES
+        and key_padding_mask is None
+        and k.shape[1] > 0
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)))
+    )
+
+
 @backends.register("moh_attention", "triton", priority=10, supports=supports_moh)
 def moh_attention_triton(q, k, v, gates, *, causal=False, scale=None, window=(-1, -1), key_padding_mask=None):
     from attnzoo.ops.moh import triton_moh
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if decoding(q, k, v, gates, key_padding_mask):
+        return triton_moh.moh_decode(q, k, v, gates, scale, bool(causal), int(window[0]), int(window[1]))
     o, _lse, _rows, _counts, _offs = triton_moh.moh_attention_fwd(
         q, k, v, gates, key_padding_mask, scale, bool(causal), int(window[0]), int(window[1])
     )

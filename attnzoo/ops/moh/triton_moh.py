@@ -21,6 +21,10 @@ Backward (deterministic, no atomics):
   loops over the query heads of the group and, for each, only over its packed active-row tiles that can
   see this key tile. Inactive rows never enter: cost follows the active fraction.
 
+Decode (a few new queries, no gradient): :func:`moh_decode` runs the core's split-K decode kernel with the
+gates instead -- one read of each K/V tile per GQA group, split across programs for long caches, and no
+K/V read at all for a kv head none of whose query heads is active.
+
 This module imports triton: import it lazily (``attnzoo.ops.moh.triton_backend`` does).
 """
 
@@ -398,3 +402,25 @@ def _backward(ctx, do, dlse, drows, dcounts, doffs):
 
 
 moh_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("attnzoo::moh_decode", mutates_args=())
+def moh_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, scale: float, causal: bool,
+    window_left: int, window_right: int,
+) -> torch.Tensor:
+    """Inference for a few new queries (``Tq <= 16``) against all keys: ``o [B, Tq, H, Dv]`` through the
+    split-K decode kernel with gates (:func:`attnzoo.ops.attention.triton_decode.decode_launch`): one read
+    of each K/V tile per GQA group, inactive rows skipped, kv heads with no active query head never read.
+    No autograd (the training path is :func:`moh_attention_fwd`)."""
+    from attnzoo.ops.attention.triton_decode import decode_launch
+
+    B, Tk = k.shape[0], k.shape[1]
+    lens = torch.full((B,), Tk, dtype=torch.int32, device=q.device)
+    o, _lse = decode_launch(q, k, v, lens, None, scale, causal, window_left, window_right, gates=gates)
+    return o
+
+
+@moh_decode.register_fake
+def _moh_decode_fake(q, k, v, gates, scale, causal, window_left, window_right):
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
