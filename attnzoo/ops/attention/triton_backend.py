@@ -15,7 +15,7 @@ import torch
 
 from attnzoo import backends
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = backends.KERNEL_DTYPES
 MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it (triton_fwd imports it)
 MAX_DECODE_QUERIES = 16
 
@@ -33,17 +33,8 @@ def _decode_kernels():
     return triton_decode
 
 
-def _common_reasons(q: torch.Tensor) -> List[str]:
-    reasons = list(backends.triton_device_reasons(q.device))
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        reasons.append("bfloat16 tl.dot is wrong under the Triton CPU interpreter; run bfloat16 on a GPU")
-    return reasons
-
-
 def supports_attention(q, k, v, *, bias=None, mask=None, block_mask=None, **_) -> List[str]:
-    reasons = _common_reasons(q)
+    reasons = backends.triton_tensor_reasons(q, "q")
     if bias is not None and bias.dtype not in KERNEL_DTYPES + (torch.float64,):
         reasons.append(f"bias dtype {bias.dtype} is not supported (a floating dtype is needed)")
     if block_mask is not None:
@@ -57,7 +48,7 @@ def supports_attention(q, k, v, *, bias=None, mask=None, block_mask=None, **_) -
 
 
 def supports_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, **_) -> List[str]:
-    reasons = _common_reasons(q)
+    reasons = backends.triton_tensor_reasons(q, "q")
     if q.shape[1] > MAX_DECODE_QUERIES:
         reasons.append(
             f"q has {q.shape[1]} new queries; the Triton decode kernel serves 1..{MAX_DECODE_QUERIES} "

@@ -249,15 +249,26 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU; the interpreter uses one small fixed tile so
-# tests cross tile boundaries with tiny shapes.
-GPU_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, head blocks) tried on a GPU, each only for the head blocks
+# (max(BLOCK_D, BLOCK_DV)) it is listed for; the interpreter uses one small fixed tile so tests cross tile
+# boundaries with tiny shapes. The lists come from compiling every candidate for sm_90 with
+# tools/cross_compile.py (fp16, Triton 3.9): a config is offered for a head block only if it spills no
+# registers there in the common variants (e.g. 128x128 tiles spill at head block 128; at 256 only tiles of
+# <= 64x32 with 8 warps fit). Which of them is fastest is the autotuner's call on the GPU.
+SMALL, MID, WIDE, ALL = (16, 32, 64), (128,), (256,), (16, 32, 64, 128, 256)
+GPU_FWD_CONFIGS = [
+    (128, 64, 8, 3, SMALL + MID), (128, 128, 8, 2, SMALL), (64, 64, 4, 3, SMALL + MID), (64, 32, 4, 3, SMALL + MID),
+    (32, 32, 4, 2, SMALL + MID),
+    (64, 32, 8, 2, WIDE), (32, 64, 8, 2, WIDE), (64, 16, 8, 2, WIDE), (32, 32, 8, 2, WIDE),
+    (16, 16, 4, 2, ALL),
+]
 INTERP_BLOCK = 16
 from attnzoo.ops.attention.triton_backend import MIN_BLOCK  # noqa: E402,F401  (smallest kernel tile)
 
 
 def prune_for_block_mask(configs, nargs, **kwargs):
-    """Keep configs whose tiles divide the BlockMask's blocks (``BM_BQ``/``BM_BK``) and fit the head dim."""
+    """Keep the configs listed for this head block whose tiles divide the BlockMask's blocks
+    (``BM_BQ``/``BM_BK``); if none is left, the 16x16 tile (it divides every block and fits every head)."""
     nargs = {**(nargs or {}), **kwargs}  # launch arguments passed by keyword arrive in kwargs
     bq, bk = nargs.get("BM_BQ", 0), nargs.get("BM_BK", 0)
     sparse = nargs.get("SPARSE", False)
@@ -267,7 +278,7 @@ def prune_for_block_mask(configs, nargs, **kwargs):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if sparse and (bq % bm or bk % bn):
             continue
-        if bd >= 256 and bm * bn > 64 * 64:
+        if bd not in c.head_blocks:
             continue
         out.append(c)
     return out or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] == 16]
@@ -277,9 +288,15 @@ _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "
         "HAS_LEFT", "HAS_RIGHT", "SPARSE", "BM_BQ", "BM_BK"]
 
 
+def _config(bm: int, bn: int, warps: int, stages: int, head_blocks) -> "triton.Config":
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    c.head_blocks = head_blocks  # read by prune_for_block_mask
+    return c
+
+
 def make_tuned(kernel, configs, extra_key=(), reset_to_zero=None):
     return triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
+        configs=[_config(*c) for c in configs],
         key=_KEY + list(extra_key),
         prune_configs_by={"early_config_prune": prune_for_block_mask},
         reset_to_zero=reset_to_zero,

@@ -268,7 +268,9 @@ def _blocks(kind: str, head_dim: int):
         return 16, 16, 1
     if F.head_block(head_dim) >= 256:
         return 32, 32, 4
-    return (64, 64, 4) if kind != "dkdv" else (32, 64, 4)
+    if kind == "dkdv":  # two [BLOCK_N, head] fp32 accumulators: 8 warps at head dim 128 (4 spilled at sm_90)
+        return (32, 64, 8 if F.head_block(head_dim) >= 128 else 4)
+    return 64, 64, 4
 
 
 def _common(q, k, v, bias, scale, causal):

@@ -269,6 +269,16 @@ def _tiles(D: int) -> Tuple[int, int, int, int]:
     return 32, 32, 4, 2
 
 
+def _dkdv_tiles(bm: int, warps: int, D: int, DV: int) -> Tuple[int, int]:
+    """(BLOCK_M, num_warps) of the dK/dV kernel, which keeps two [BLOCK_N, head] fp32 accumulators: from
+    head dim 64 up 8 warps, and 32-row query tiles from 128 up, hold them without spilling (64 rows / 4
+    warps spilled 80-290 B/thread at sm_90, tools/cross_compile.py). Its row tiles need not match the
+    packing's: it walks each head's active rows itself."""
+    if CF.interpreter() or max(D, DV) < 64:
+        return bm, warps
+    return (min(bm, 32) if max(D, DV) > 64 else bm), 8
+
+
 def _window(causal: bool, window_left: int, window_right: int):
     right = 0 if causal else window_right
     return dict(win_left=max(window_left, 0), win_right=max(right, 0),
@@ -377,8 +387,9 @@ def moh_attention_bwd(
     _moh_bwd_dq_kernel[(n_tiles,)](
         **a, DQ=dq, TileOff=tile_offsets, BH=B * H, SEARCH_STEPS=math.ceil(math.log2(max(B * H, 2))) + 1,
         **_named("sdq", dq), num_warps=warps, num_stages=stages)
+    a["BLOCK_M"], dkdv_warps = _dkdv_tiles(bm, warps, D, v.shape[-1])
     _moh_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
-        **a, DK=dk, DVo=dv, **_named("sdk", dk), **_named("sdv", dv), num_warps=warps, num_stages=stages)
+        **a, DK=dk, DVo=dv, **_named("sdk", dk), **_named("sdv", dv), num_warps=dkdv_warps, num_stages=stages)
     return dq, dk, dv, dgates
 
 
