@@ -479,6 +479,24 @@ def lightning_providers() -> List[Provider]:
         p = attnzoo_providers(("lightning_attention", "lightning_decode"), az, only=b, supports=supports(b))
         provs += p
 
+    def az_unsegmented(case, x):
+        # the Triton kernels with every sequence walked by one program per state slice (no segments):
+        # against attnzoo-triton it shows what cutting long sequences into parallel segments buys
+        from attnzoo.ops.lightning import triton_backend as tb
+
+        f = _lightning_fn("lightning_attention")
+
+        def run():
+            tb.SEGMENTS = 1
+            try:
+                return _unwrap(f(x["q"], x["k"], x["v"], decay=x["s"], scale=1.0, backend="triton"))
+            finally:
+                tb.SEGMENTS = None
+        return Built(run)
+    if "triton" in chunk_backends:
+        provs.append(Provider("attnzoo-triton-unsegmented", "attnzoo", "attnzoo", az_unsegmented,
+                              applies=lambda c: c.mode != "step", note="segments=1"))
+
     def fla_chunk(case, x):
         from fla.ops.simple_gla import chunk_simple_gla
 

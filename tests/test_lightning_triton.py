@@ -64,13 +64,13 @@ def _run(fn, q, k, v, s, S0, do, dS, *, hi: bool, use_dS: bool, **kw):
 NAMES = ["o", "final_state", "dq", "dk", "dv", "d_initial_state"]
 
 
-def _check(B, T, H, D, Dv, dtype, *, decay, h0, use_dS, seed, cu_seqlens=None, chunk=CHUNK):
+def _check(B, T, H, D, Dv, dtype, *, decay, h0, use_dS, seed, cu_seqlens=None, chunk=CHUNK, segments=None):
     n = None if cu_seqlens is None else cu_seqlens.numel() - 1
     args = _make(B, T, H, D, Dv, dtype, decay=decay, h0=h0, seed=seed, n_states=n)
     kw = dict(cu_seqlens=cu_seqlens)
     ref_hi = _run(lightning_parallel, *args, hi=True, use_dS=use_dS, **kw)
     ref_lo = _run(lambda *a, **k: lightning_parallel(*a, upcast=False, **k), *args, hi=False, use_dS=use_dS, **kw)
-    out = _run(lightning_chunk, *args, hi=False, use_dS=use_dS, chunk_size=chunk, **kw)
+    out = _run(lightning_chunk, *args, hi=False, use_dS=use_dS, chunk_size=chunk, segments=segments, **kw)
     assert out[0].dtype == dtype and out[1].dtype == torch.float32
     for name, a, b, c in zip(NAMES, out, ref_hi, ref_lo):
         assert not torch.isnan(a).any(), f"{name}: NaN (an element the kernel never wrote?)"
@@ -90,6 +90,51 @@ def _check(B, T, H, D, Dv, dtype, *, decay, h0, use_dS, seed, cu_seqlens=None, c
 def test_chunk_matches_reference(p):
     _check(p["B"], p["T"], p["H"], p["D"], p["Dv"], p["dtype"], decay=p["decay"], h0=p["h0"], use_dS=p["use_dS"],
            seed=p["seed"])
+
+
+@settings(deadline=None, max_examples=10)
+@given(
+    st.fixed_dictionaries(
+        dict(
+            B=st.integers(1, 2), T=st.integers(2 * CHUNK, 6 * CHUNK + 5), H=st.integers(1, 2),
+            D=st.sampled_from([16, 24]), Dv=st.sampled_from([16, 20]), dtype=st.sampled_from(DTYPES),
+            decay=st.sampled_from([0.0, 0.05, 1.0]), h0=st.booleans(), use_dS=st.booleans(),
+            segments=st.integers(2, 5), seed=st.integers(0, 2**16),
+        )
+    )
+)
+def test_segmented_matches_reference(p):
+    """Sequences cut into segments (state pass + closed-form scan + per-segment sweeps, fwd and bwd) give
+    the same outputs, final state and gradients (incl. the initial state's) as the reference."""
+    _check(p["B"], p["T"], p["H"], p["D"], p["Dv"], p["dtype"], decay=p["decay"], h0=p["h0"], use_dS=p["use_dS"],
+           seed=p["seed"], segments=p["segments"])
+
+
+def test_segment_plan(monkeypatch):
+    plan = triton_chunk.segment_plan
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_chunk, "_sm_count", lambda index: 132)
+    assert plan(131072, 32 * 2, 16, cuda) == (5, 26224)  # 64 programs -> 5 segments of whole chunks
+    assert plan(4096, 32 * 2 * 32, 16, cuda) == (1, 4096)  # batch 32 fills the GPU: never cut
+    assert plan(3000, 2, 16, cuda) == (1, 3000)  # too short to pay for the extra passes
+    assert plan(131072, 64, 16, torch.device("cpu")) == (1, 131072)  # automatic is off without CUDA
+    assert plan(100, 1, 16, torch.device("cpu"), segments=3) == (3, 48)  # forced: ceil(100/3) -> 48 (3 chunks)
+    assert plan(40, 1, 16, torch.device("cpu"), segments=4) == (3, 16)  # more segments than chunks: one each
+    for T, P in ((17, 2), (33, 3), (100, 7)):  # every cut covers the sequence, the last segment is non-empty
+        n, L = plan(T, 1, 16, torch.device("cpu"), segments=P)
+        assert L % 16 == 0 and (n - 1) * L < T <= n * L
+
+
+def test_segmented_equals_varlen_with_chained_states():
+    """Cutting is exactly running the segments as sequences whose initial states chain."""
+    q, k, v, s, S0, _, _ = _make(1, 70, 2, 16, 16, torch.float32, decay=0.2, h0=True, seed=21)
+    with torch.no_grad():
+        o_seg, S_seg = lightning_chunk(q, k, v, s, 0.7, S0, chunk_size=CHUNK, segments=3)  # segments of 32 tokens
+        o1, S1 = lightning_chunk(q[:, :32], k[:, :32], v[:, :32], s, 0.7, S0, chunk_size=CHUNK)
+        o2, S2 = lightning_chunk(q[:, 32:64], k[:, 32:64], v[:, 32:64], s, 0.7, S1, chunk_size=CHUNK)
+        o3, S3 = lightning_chunk(q[:, 64:], k[:, 64:], v[:, 64:], s, 0.7, S2, chunk_size=CHUNK)
+    torch.testing.assert_close(o_seg, torch.cat([o1, o2, o3], 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S_seg, S3, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

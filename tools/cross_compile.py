@@ -220,6 +220,20 @@ def scenarios_lightning(dtype):
                 attnzoo.lightning_decode(q, k, v, state, decay=torch.rand(4), backend="triton")
         yield f"lightning D={D} Dv={Dv}", run
         yield f"lightning decode D={D} Dv={Dv}", decode
+        if D == Dv == 64 or D == Dv == 128:
+            yield f"lightning D={D} Dv={Dv} segmented", lambda run=run: _segmented(run)
+
+
+def _segmented(fn):
+    """``fn`` with sequences cut into segments (a CPU run would never cut them): the state-only and
+    dS-only sweeps compile too."""
+    from attnzoo.ops.lightning import triton_backend as tb
+
+    tb.SEGMENTS = 3
+    try:
+        fn()
+    finally:
+        tb.SEGMENTS = None
 
 
 def scenarios_moh(dtype):
@@ -277,7 +291,7 @@ def scenarios_knocking(dtype):
 
 
 QUICK = ("D=64 causal", "D=64 bias[B,H,T,T]", "D=64 mask", "D=64 varlen", "decode D=64", "D=96 Dv=192",
-         "D=64 Dv=64", "moh router code", "kha-mlp D=64")
+         "D=64 Dv=64", "moh router code", "kha-mlp D=64")  # "D=64 Dv=64" includes the segmented run
 
 FAMILIES = OrderedDict(attention=scenarios_attention, lightning=scenarios_lightning, moh=scenarios_moh,
                        dma=scenarios_dma, knocking=scenarios_knocking)

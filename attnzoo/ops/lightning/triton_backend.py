@@ -14,8 +14,11 @@ import torch
 
 from attnzoo import backends
 
-#: chunk length of the chunked kernels; None = the kernels' default (64 on a GPU, 16 in the interpreter)
+#: chunk length of the chunked kernels; None = the kernels' default (triton_chunk.default_chunk_size)
 CHUNK_SIZE: Optional[int] = None
+#: segments per sequence of a dense batch (triton_chunk.segment_plan); None = automatic, 1 = never cut
+SEGMENTS: Optional[int] = None
+
 
 def _common_reasons(q: torch.Tensor, v: torch.Tensor, decay) -> List[str]:
     reasons = backends.triton_tensor_reasons(q, "q")
@@ -33,7 +36,7 @@ def _lightning_triton(*, q, k, v, decay, scale, initial_state, output_final_stat
     from attnzoo.ops.lightning.triton_chunk import lightning_chunk
 
     # final state: fp32, like the reference's for fp16/bf16/fp32 inputs
-    return lightning_chunk(q, k, v, decay, scale, initial_state, cu_seqlens, chunk_size=CHUNK_SIZE)
+    return lightning_chunk(q, k, v, decay, scale, initial_state, cu_seqlens, chunk_size=CHUNK_SIZE, segments=SEGMENTS)
 
 
 def _supports_decode(*, q, k, v, state, decay, scale) -> List[str]:

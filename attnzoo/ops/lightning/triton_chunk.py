@@ -30,11 +30,16 @@ registers the whole way. Per chunk: the intra-chunk part is the masked quadratic
   where those sizes spill <= 40 B per thread in fp16/bf16 and chunk 64 spilled 0.4-2 KB.
 - Varlen: sequences come from ``cu_seqlens`` (a dense batch is ``cu = arange(B + 1) * T``); the state
   restarts from ``initial_state[i]`` (or 0) at every sequence.
+- Segments (dense batches only): when ``n_seqs * H * (Dv / BV)`` programs would leave the GPU under-filled
+  (long sequences, small batch), each sequence is cut into P segments that run as sequences of their own,
+  their initial states (forward) and end-of-segment state gradients (backward) joined by a closed-form
+  scan over the segments' states-from-zero -- see "Segments" below (:func:`segment_plan`).
 Nothing is skipped: linear attention has no sparsity; only the upper triangle of each tile is masked.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -157,21 +162,23 @@ def _lightning_fwd_kernel(
     Q, K, V, O, RATE, CU, H0, HT, scale,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_H0: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, STORE_O: tl.constexpr,
 ):
+    # STORE_O False: the state pass of the segmented forward (final states only; q is never read)
     i_h, bos, T, s, o_t, m_d, m_v, off_d, off_v, m_s, base_s, p_s, S, M, w_q = _prologue(
         CU, RATE, H0, H, D, DV, BT, BD, BV, False, HAS_H0, False)
 
     for i_t in range(0, tl.cdiv(T, BT)):
         m_t, L, row = _chunk(i_t * BT, o_t, T, bos, i_h, H, BT)
-        q = tl.load(Q + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
         k = tl.load(K + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
         v = tl.load(V + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
-        A = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * M
-        o = tl.dot(A.to(v.dtype), v, input_precision=DOT_PREC)
-        o += w_q[:, None] * _dot_state(q, S, SPLIT, DOT_PREC)
-        tl.store(O + row * DV + off_v, (o * scale).to(O.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+        if STORE_O:
+            q = tl.load(Q + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
+            A = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * M
+            o = tl.dot(A.to(v.dtype), v, input_precision=DOT_PREC)
+            o += w_q[:, None] * _dot_state(q, S, SPLIT, DOT_PREC)
+            tl.store(O + row * DV + off_v, (o * scale).to(O.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
         S = _advance_state(S, k, _key_decay(m_t, L, o_t, s), v, s, L, scale, False, SPLIT, DOT_PREC)
 
     tl.store(HT + base_s + p_s, S, mask=m_s)
@@ -231,9 +238,10 @@ def _lightning_bwd_dv_kernel(
     Q, K, DO, DV_, RATE, CU, DHT, DH0, scale,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_DHT: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, STORE_DV: tl.constexpr,
 ):
     # dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i + lambda^(L-1-j) k_j dS ; dS after chunk 0 = dS0
+    # STORE_DV False: the dS pass of the segmented backward (d(initial state) only; k is never read)
     i_h, bos, T, s, o_t, m_d, m_v, off_d, off_v, m_s, base_s, p_s, dS, Mt, w_q = _prologue(
         CU, RATE, DHT, H, D, DV, BT, BD, BV, False, HAS_DHT, True)
 
@@ -241,12 +249,13 @@ def _lightning_bwd_dv_kernel(
     for i_r in range(0, NT):
         m_t, L, row = _chunk((NT - 1 - i_r) * BT, o_t, T, bos, i_h, H, BT)
         q = tl.load(Q + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
-        k = tl.load(K + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
         do = tl.load(DO + row * DV + off_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
-        A = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * Mt
-        dv = tl.dot(A.to(do.dtype), do, input_precision=DOT_PREC) * scale
-        dv += _key_decay(m_t, L, o_t, s)[:, None] * _dot_state(k, dS, SPLIT, DOT_PREC)
-        tl.store(DV_ + row * DV + off_v, dv.to(DV_.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if STORE_DV:
+            k = tl.load(K + row * D + off_d, mask=m_t[:, None] & m_d[None, :], other=0.0)
+            A = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * Mt
+            dv = tl.dot(A.to(do.dtype), do, input_precision=DOT_PREC) * scale
+            dv += _key_decay(m_t, L, o_t, s)[:, None] * _dot_state(k, dS, SPLIT, DOT_PREC)
+            tl.store(DV_ + row * DV + off_v, dv.to(DV_.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         dS = _advance_state(dS, q, w_q, do, s, L, scale, True, SPLIT, DOT_PREC)
 
     tl.store(DH0 + base_s + p_s, dS, mask=m_s)
@@ -308,28 +317,146 @@ def _check_chunk(chunk_size: int) -> int:
     return chunk_size
 
 
-def fwd_impl(q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: int):
+def _launch_fwd(q, k, v, rate, cu, h0, scale: float, BT: int, store_o: bool = True):
+    """One forward sweep over the sequences of ``cu``: ``(o or None, final states [len(cu) - 1, H, D, Dv])``."""
     N, H, D = q.shape
     Dv = v.shape[-1]
-    n = cu_seqlens.shape[0] - 1
-    BT = _check_chunk(chunk_size)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = _new(N, H, Dv, like=q)
+    n = cu.shape[0] - 1
+    o = _new(N, H, Dv, like=q) if store_o else None
     ht = _new(n, H, D, Dv, like=q, dtype=torch.float32)
-    if h0 is not None:
-        h0 = h0.to(torch.float32).contiguous()
     BD, BDV, BV, BK = _tiles(D, Dv, q.dtype)
-    dot_prec = _precision(q.dtype)
-    grid = (n * H, triton.cdiv(Dv, BV))
-    _lightning_fwd_kernel[grid](
-        q, k, v, o, rate, cu_seqlens, h0 if h0 is not None else ht, ht, float(scale),
+    _lightning_fwd_kernel[(n * H, triton.cdiv(Dv, BV))](
+        q, k, v, o if store_o else q, rate, cu, h0 if h0 is not None else ht, ht, float(scale),
         H=H, D=D, DV=Dv, BT=BT, BD=BD, BV=BV, HAS_H0=h0 is not None,
-        DOT_PREC=dot_prec, SPLIT=q.dtype != torch.float32, num_warps=_warps(BT, BD, BV),
+        DOT_PREC=_precision(q.dtype), SPLIT=q.dtype != torch.float32, STORE_O=store_o,
+        num_warps=_warps(BT, BD, BV),
     )
     return o, ht
 
 
-def bwd_impl(do, dht, q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: int):
+def _launch_dv(q, k, do, rate, cu, dht, scale: float, BT: int, store_dv: bool = True):
+    """The reverse dS sweep: ``(dv or None, d(initial states) [len(cu) - 1, H, D, Dv])``."""
+    N, H, D = q.shape
+    Dv = do.shape[-1]
+    n = cu.shape[0] - 1
+    dv = _new(N, H, Dv, like=q) if store_dv else None
+    dh0 = _new(n, H, D, Dv, like=q, dtype=torch.float32)
+    BD, BDV, BV, BK = _tiles(D, Dv, q.dtype)
+    _lightning_bwd_dv_kernel[(n * H, triton.cdiv(Dv, BV))](
+        q, k, do, dv if store_dv else do, rate, cu, dht if dht is not None else dh0, dh0, float(scale),
+        H=H, D=D, DV=Dv, BT=BT, BD=BD, BV=BV, HAS_DHT=dht is not None, DOT_PREC=_precision(q.dtype),
+        SPLIT=q.dtype != torch.float32, STORE_DV=store_dv, num_warps=_warps(BT, BD, BV),
+    )
+    return dv, dh0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segments: more programs for long sequences at small batch x heads
+#
+# A program walks its sequence's chunks in order, so n_seqs * H * (Dv / BV) programs are all the GPU gets;
+# at 128k tokens, batch 1, 32 heads that is 64 programs on 132 SMs. A dense batch can instead be cut into
+# P segments of Lseg tokens (a multiple of the chunk), each run as its own "sequence" of the varlen path:
+#   forward:  (1) a state pass (no output; q never read) gives each segment's final state from zero,
+#             ``local[p]``; (2) the segments' initial states follow in closed form,
+#             ``S_in[p] = lambda^(Lseg p) S0 + sum_{r<p} lambda^(Lseg (p-1-r)) local[r]`` (one einsum);
+#             (3) the full forward over the segments from ``S_in``; its last segment's final state is the
+#             sequence's.
+#   backward: S_in again (1-2), then a dS pass (no dV; k never read) gives each segment's d(initial state)
+#             from its own queries, ``g[p]``; the gradient reaching segment p's end is
+#             ``dS_end[p] = sum_{r>p} lambda^(Lseg (r-1-p)) g[r] + lambda^(Lseg (P-2-p) + L_last) dS_T``
+#             (``dS_end[P-1] = dS_T``); then the usual three sweeps over the segments.
+# Extra work: one state pass (forward) and one state + one dS pass (backward); extra memory: three
+# [n * P, H, D, Dv] fp32 state tensors, O(T D Dv / Lseg). Varlen input is never cut (its lengths live on
+# the device; reading them would sync).
+
+MIN_SEGMENT = 2048  # tokens: below this the extra passes cost more than the parallelism buys
+PROGRAMS_PER_SM = 2
+
+
+def segment_plan(T: int, programs: int, BT: int, device: torch.device, segments: int = 0) -> Tuple[int, int]:
+    """``(P, Lseg)`` for a dense batch of sequences of ``T`` tokens. ``segments`` > 0 asks for that many
+    (tests); 0 = automatic: 1 unless ``programs`` (the unsegmented grid) fills fewer than PROGRAMS_PER_SM
+    programs per SM of a CUDA device, then enough segments of >= MIN_SEGMENT tokens to reach it."""
+    if segments <= 0:
+        if device.type != "cuda" or T < 2 * MIN_SEGMENT:
+            return 1, T
+        want = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        segments = min(-(-want // max(programs, 1)), T // MIN_SEGMENT)
+    if segments <= 1 or T <= BT:
+        return 1, T
+    seg_len = -(-(-(-T // segments)) // BT) * BT  # ceil(T / segments), rounded up to whole chunks
+    return -(-T // seg_len), seg_len
+
+
+@functools.lru_cache(None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _segment_cu(n: int, T: int, P: int, seg_len: int, device) -> torch.Tensor:
+    """Boundaries of ``n`` sequences of ``T`` tokens cut into ``P`` segments each (the last may be short)."""
+    starts = torch.arange(P, device=device, dtype=torch.int64) * seg_len
+    cu = (torch.arange(n, device=device, dtype=torch.int64)[:, None] * T + starts[None, :]).reshape(-1)
+    return torch.cat([cu, cu.new_full((1,), n * T)]).to(torch.int32)
+
+
+def _decay_powers(rate: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """``lambda_h ^ exponents`` = ``exp(-s_h * e)`` for ``e >= 0`` (``[H, *exponents.shape]``, fp32)."""
+    return torch.exp(-rate.view(-1, *([1] * exponents.dim())) * exponents.clamp_min(0).to(torch.float32))
+
+
+def _segment_initial_states(local, h0, rate, n: int, P: int, seg_len: int) -> torch.Tensor:
+    """``S_in [n * P, H, D, Dv]`` from the segments' states-from-zero ``local [n * P, H, D, Dv]``."""
+    p = torch.arange(P, device=local.device)
+    gap = (p[:, None] - 1 - p[None, :]).to(torch.float32) * seg_len  # [p, r]
+    w = _decay_powers(rate, gap) * (p[None, :] < p[:, None])  # [H, p, r]
+    s_in = torch.einsum("hpr,nrhde->nphde", w, local.view(n, P, *local.shape[1:]))
+    if h0 is not None:
+        s_in = s_in + _decay_powers(rate, p.to(torch.float32) * seg_len).t()[None, :, :, None, None] * h0[:, None]
+    return s_in.reshape(local.shape).contiguous()  # the kernels index states as contiguous
+
+
+def _segment_end_grads(g, dht, rate, n: int, P: int, seg_len: int, last_len: int) -> torch.Tensor:
+    """``dS_end [n * P, H, D, Dv]``: the gradient reaching each segment's final state, from the segments'
+    d(initial state)-from-their-own-queries ``g [n * P, H, D, Dv]`` and ``dht [n, H, D, Dv]`` (or None)."""
+    p = torch.arange(P, device=g.device)
+    gap = (p[None, :] - 1 - p[:, None]).to(torch.float32) * seg_len  # [p, r]
+    w = _decay_powers(rate, gap) * (p[None, :] > p[:, None])
+    d_end = torch.einsum("hpr,nrhde->nphde", w, g.view(n, P, *g.shape[1:]))
+    if dht is not None:
+        e = ((P - 2 - p).to(torch.float32) * seg_len + last_len).masked_fill(p == P - 1, 0.0)
+        d_end = d_end + _decay_powers(rate, e).t()[None, :, :, None, None] * dht[:, None]
+    return d_end.reshape(g.shape).contiguous()
+
+
+def fwd_impl(q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: int, segments: int = 1):
+    """``segments``: 1 = never cut (varlen input must pass 1), 0 = automatic, P > 1 = P segments."""
+    N, H, D = q.shape
+    n = cu_seqlens.shape[0] - 1
+    BT = _check_chunk(chunk_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if h0 is not None:
+        h0 = h0.to(torch.float32).contiguous()
+    P, seg_len = _plan(q, v, n, BT, segments)
+    if P == 1:
+        return _launch_fwd(q, k, v, rate, cu_seqlens, h0, scale, BT)
+    T = N // n
+    cu = _segment_cu(n, T, P, seg_len, q.device)
+    _, local = _launch_fwd(q, k, v, rate, cu, None, scale, BT, store_o=False)
+    s_in = _segment_initial_states(local, h0, rate, n, P, seg_len)
+    o, ht = _launch_fwd(q, k, v, rate, cu, s_in, scale, BT)
+    return o, ht.view(n, P, *ht.shape[1:])[:, -1].contiguous()
+
+
+def _plan(q, v, n: int, BT: int, segments: int) -> Tuple[int, int]:
+    N, H, D = q.shape
+    if segments == 1 or n == 0 or N == 0:
+        return 1, 0
+    BD, BDV, BV, BK = _tiles(D, v.shape[-1], q.dtype)
+    return segment_plan(N // n, n * H * triton.cdiv(v.shape[-1], BV), BT, q.device, segments)
+
+
+def bwd_impl(do, dht, q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: int, segments: int = 1):
     N, H, D = q.shape
     Dv = v.shape[-1]
     n = cu_seqlens.shape[0] - 1
@@ -339,27 +466,31 @@ def bwd_impl(do, dht, q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: i
         h0 = h0.to(torch.float32).contiguous()
     if dht is not None:
         dht = dht.to(torch.float32).contiguous()
+    P, seg_len = _plan(q, v, n, BT, segments)
+    cu, n_run = cu_seqlens, n
+    if P > 1:
+        T = N // n
+        cu, n_run = _segment_cu(n, T, P, seg_len, q.device), n * P
+        _, local = _launch_fwd(q, k, v, rate, cu, None, scale, BT, store_o=False)
+        h0 = _segment_initial_states(local, h0, rate, n, P, seg_len)
+        _, g = _launch_dv(q, k, do, rate, cu, None, scale, BT, store_dv=False)
+        dht = _segment_end_grads(g, dht, rate, n, P, seg_len, T - (P - 1) * seg_len)
     dq = _new(*q.shape, like=q)
     dk = _new(*k.shape, like=k)
-    dv = _new(*v.shape, like=v)
-    dh0 = _new(n, H, D, Dv, like=q, dtype=torch.float32)
     BD, BDV, BV, BK = _tiles(D, Dv, q.dtype)
-    dot_prec = _precision(q.dtype)
-    common = dict(H=H, D=D, DV=Dv, BT=BT, DOT_PREC=dot_prec, SPLIT=q.dtype != torch.float32)
-    gk = (n * H, triton.cdiv(D, BK))
-    gv = (n * H, triton.cdiv(Dv, BV))
+    common = dict(H=H, D=D, DV=Dv, BT=BT, DOT_PREC=_precision(q.dtype), SPLIT=q.dtype != torch.float32)
+    gk = (n_run * H, triton.cdiv(D, BK))
     _lightning_bwd_dq_kernel[gk](
-        k, v, do, dq, rate, cu_seqlens, h0 if h0 is not None else dh0, float(scale),
+        k, v, do, dq, rate, cu, h0 if h0 is not None else rate, float(scale),
         BK=BK, BDV=BDV, HAS_H0=h0 is not None, num_warps=_warps(BT, BK, BDV), **common,
     )
     _lightning_bwd_dk_kernel[gk](
-        q, v, do, dk, rate, cu_seqlens, dht if dht is not None else dh0, float(scale),
+        q, v, do, dk, rate, cu, dht if dht is not None else rate, float(scale),
         BK=BK, BDV=BDV, HAS_DHT=dht is not None, num_warps=_warps(BT, BK, BDV), **common,
     )
-    _lightning_bwd_dv_kernel[gv](
-        q, k, do, dv, rate, cu_seqlens, dht if dht is not None else dh0, dh0, float(scale),
-        BD=BD, BV=BV, HAS_DHT=dht is not None, num_warps=_warps(BT, BD, BV), **common,
-    )
+    dv, dh0 = _launch_dv(q, k, do, rate, cu, dht, scale, BT)
+    if P > 1:
+        dh0 = dh0.view(n, P, *dh0.shape[1:])[:, 0].contiguous()
     return dq, dk, dv, dh0
 
 
@@ -377,14 +508,16 @@ def lightning_fwd(
     initial_state: Optional[torch.Tensor],
     scale: float,
     chunk_size: int,
+    segments: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed chunked forward: ``q, k [N, H, D]``, ``v [N, H, Dv]``, fp32 ``rate [H]``, int32 ``cu_seqlens``,
-    fp32 ``initial_state [n, H, D, Dv]`` or None. Returns ``(o [N, H, Dv], final_state [n, H, D, Dv] fp32)``."""
-    return fwd_impl(q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size)
+    fp32 ``initial_state [n, H, D, Dv]`` or None; ``segments`` as :func:`fwd_impl` (1 for varlen).
+    Returns ``(o [N, H, Dv], final_state [n, H, D, Dv] fp32)``."""
+    return fwd_impl(q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size, segments)
 
 
 @lightning_fwd.register_fake
-def _(q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size):
+def _(q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size, segments):
     N, H, D = q.shape
     n = cu_seqlens.shape[0] - 1
     return q.new_empty(N, H, v.shape[-1]), q.new_empty(n, H, D, v.shape[-1], dtype=torch.float32)
@@ -402,13 +535,14 @@ def lightning_bwd(
     initial_state: Optional[torch.Tensor],
     scale: float,
     chunk_size: int,
+    segments: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked backward. Returns ``(dq, dk, dv, d_initial_state [n, H, D, Dv] fp32)``."""
-    return bwd_impl(do, dht, q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size)
+    return bwd_impl(do, dht, q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size, segments)
 
 
 @lightning_bwd.register_fake
-def _(do, dht, q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size):
+def _(do, dht, q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size, segments):
     N, H, D = q.shape
     n = cu_seqlens.shape[0] - 1
     return (
@@ -418,10 +552,11 @@ def _(do, dht, q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size = inputs
+    q, k, v, rate, cu_seqlens, initial_state, scale, chunk_size, segments = inputs
     ctx.save_for_backward(q, k, v, rate, cu_seqlens, initial_state)
     ctx.scale = scale
     ctx.chunk_size = chunk_size
+    ctx.segments = segments
     ctx.has_h0 = initial_state is not None
 
 
@@ -430,9 +565,9 @@ def _backward(ctx, do, dht):
     if do is None:
         do = torch.zeros(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
     dq, dk, dv, dh0 = torch.ops.attnzoo.lightning_bwd(
-        do, dht, q, k, v, rate, cu_seqlens, initial_state, ctx.scale, ctx.chunk_size
+        do, dht, q, k, v, rate, cu_seqlens, initial_state, ctx.scale, ctx.chunk_size, ctx.segments
     )
-    return dq, dk, dv, None, None, (dh0 if ctx.has_h0 else None), None, None
+    return dq, dk, dv, None, None, (dh0 if ctx.has_h0 else None), None, None, None
 
 
 lightning_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -447,17 +582,22 @@ def lightning_chunk(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    segments: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """BTHD entry point over the custom op (no validation: :func:`attnzoo.lightning_attention` does it).
 
     ``q, k [B, T, H, D]``, ``v [B, T, H, Dv]`` (varlen: ``B == 1`` and ``cu_seqlens``); returns
-    ``(o [B, T, H, Dv], final_state [B or n, H, D, Dv] fp32)``.
+    ``(o [B, T, H, Dv], final_state [B or n, H, D, Dv] fp32)``. ``segments``: cut each sequence of a dense
+    batch into that many segments run in parallel (see :func:`segment_plan`); None = automatic. Varlen
+    input is never cut.
     """
     B, T, H, D = q.shape
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
+        segments = 0 if segments is None else int(segments)
     else:
         cu_seqlens = cu_seqlens.to(torch.int32)
+        segments = 1
     if rate is None:
         rate = torch.zeros(H, device=q.device, dtype=torch.float32)
     rate = rate.detach().to(device=q.device, dtype=torch.float32)
@@ -466,6 +606,6 @@ def lightning_chunk(
     chunk_size = chunk_size or default_chunk_size(q.device, D, v.shape[-1], q.dtype)
     o, ht = torch.ops.attnzoo.lightning_fwd(
         q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, v.shape[-1]),
-        rate, cu_seqlens, initial_state, float(scale), int(chunk_size),
+        rate, cu_seqlens, initial_state, float(scale), int(chunk_size), segments,
     )
     return o.view(B, T, H, v.shape[-1]), ht
