@@ -159,6 +159,19 @@ def test_dbias_every_broadcast_form(form, in_kernel, monkeypatch):
     assert got["dbias"].shape == bias.shape and got["dbias"].dtype == bias.dtype
 
 
+@pytest.mark.parametrize("form", range(12), ids=[str(f) for f in _FORMS_12])
+def test_dense_mask_every_broadcast_form(form):
+    """A boolean mask in each of SPEC §1's 12 broadcast forms, with a bias of another form beside it."""
+    torch.manual_seed(100 + form)
+    dtype = (torch.float32, torch.float16)[form % 2]
+    q = _rand(2, 17, 4, 16, dtype=dtype)
+    k, v = _rand(2, 21, 2, 16, dtype=dtype), _rand(2, 21, 2, 16, dtype=dtype)
+    mask = torch.rand(*_FORMS_12[form], device=DEV) > 0.4
+    bias = _rand(*_FORMS_12[(form + 5) % 12], dtype=dtype).requires_grad_()
+    got = check_attention(q, k, v, mask=mask, bias=bias, causal=form % 3 == 0)
+    assert got["dbias"].shape == bias.shape
+
+
 def _backward_allocations(fn):
     """Bytes of every tensor allocation made while ``fn`` runs (CPU and GPU), from the profiler's memory
     events (they see allocations inside custom ops and kernels' Python wrappers alike)."""
@@ -267,15 +280,16 @@ def test_tq_ne_tk_causal_fully_masked_rows(tq, tk):
         assert (got["dq"][:, :dead] == 0).all()
 
 
-def test_fully_masked_by_padding_and_mask():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_by_padding_and_mask(dtype):
     torch.manual_seed(1)
     B, T, H, D = 2, 24, 2, 32
-    q, k, v = (_rand(B, T, H, D, dtype=torch.float16) for _ in range(3))
+    q, k, v = (_rand(B, T, H, D, dtype=dtype) for _ in range(3))
     kpm = torch.rand(B, T, device=DEV) > 0.5
     kpm[1] = False  # batch 1 sees nothing
     mask = torch.rand(1, 1, T, T, device=DEV) > 0.3
     mask[..., 3, :] = False  # row 3 sees nothing in every batch
-    bias = _rand(B, H, T, T, dtype=torch.float16).requires_grad_()
+    bias = _rand(B, H, T, T, dtype=dtype).requires_grad_()
     got = check_attention(q, k, v, key_padding_mask=kpm, mask=mask, bias=bias)
     assert (got["o"][1] == 0).all() and (got["o"][:, 3] == 0).all()
     assert torch.isneginf(got["lse"][1]).all()
@@ -304,17 +318,19 @@ def test_large_logits(dtype):
     v = _rand(1, 37, 2, 32, dtype=dtype)
     logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float())
     assert logits.abs().max() > 5e3
-    # The backward recomputes S = Q K^T, which differs from the forward's S by ~eps * |S| (another
-    # summation order); with |S| ~ 1e4 that perturbs P relatively by that much -- inherent to every
-    # recomputing (flash) backward, and invisible to a reference that keeps P. The gradients' floor says so.
-    eps = torch.finfo(dtype).eps
+    # The backward recomputes S = Q K^T (fp32 accumulation), which differs from the forward's S by
+    # ~eps_fp32 * |S| (another summation order); with |S| ~ 1e4 that perturbs P relatively by that much --
+    # inherent to every recomputing (flash) backward, and invisible to a reference that keeps P. The
+    # gradients' floor says so (fp32's eps: the accumulation's, not the inputs').
+    eps = torch.finfo(torch.float32).eps
     s_max = logits.abs().max().item()
     got = check_attention(q, k, v, scale=1.0, causal=True,
                           grad_floor=lambda r: 4 * eps * s_max * r.abs().max().item())
     assert torch.isfinite(got["o"]).all() and torch.isfinite(got["lse"]).all()
 
 
-@pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (96, 96), (40, 24), (128, 128)])
+@pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (96, 96), (40, 24), (128, 128), (192, 192), (256, 256),
+                                  (256, 64)])
 def test_head_dims(d, dv):
     torch.manual_seed(4)
     q, k = _rand(1, 20, 2, d, dtype=torch.float16), _rand(1, 19, 1, d, dtype=torch.float16)
@@ -429,6 +445,54 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(loss, loss_e)
     for a, b in zip(grads, grads_e):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_block_mask_and_decode():
+    torch.manual_seed(9)
+    q, k, v = (_rand(1, 40, 2, 16, dtype=torch.float32).requires_grad_() for _ in range(3))
+    bm = bmm.causal_block_mask(1, 1, 40, 40, block_size=(16, 16))
+
+    def f(q, k, v):
+        return attnzoo.attention(q, k, v, block_mask=bm, backend="triton").square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    for a, b in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(f(q, k, v), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+    qd = _rand(2, 3, 4, 16, dtype=torch.float32)
+    kc, vc = _rand(2, 50, 2, 16, dtype=torch.float32), _rand(2, 50, 2, 16, dtype=torch.float32)
+    lens = torch.tensor([50, 21], dtype=torch.int32, device=DEV)
+
+    def g(qd, kc, vc, lens):
+        return attnzoo.attention_with_kvcache(qd, kc, vc, lens, backend="triton")
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(g, fullgraph=True, backend="aot_eager")(qd, kc, vc, lens),
+                               g(qd, kc, vc, lens))
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="GPU-sized shapes: the native run only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal,T,D", [(True, 1024, 128), (False, 777, 64), (True, 2048, 96)])
+def test_gpu_sized_shapes(dtype, causal, T, D):
+    """Shapes where the autotuned GPU tiles (64..128 rows) cross many tile boundaries, GQA 8/2."""
+    torch.manual_seed(T)
+    q = _rand(2, T, 8, D, dtype=dtype)
+    k, v = _rand(2, T + 13, 2, D, dtype=dtype), _rand(2, T + 13, 2, D, dtype=dtype)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="backend choice on a CUDA tensor")
+def test_auto_picks_triton_on_cuda():
+    import warnings
+
+    q = _rand(1, 8, 4, 64, dtype=torch.bfloat16)
+    assert backends.select("attention", "auto", q=q, k=q, v=q).backend == "triton"
+    m = attnzoo.MultiHeadAttention(256, 4, 2, backend="auto").to(DEV, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to the reference warns: here it must not happen
+        m(torch.randn(1, 8, 256, device=DEV, dtype=torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ are imported on first use (``_kernels()``), so ``import attnzoo`` works without 
 from __future__ import annotations
 
 import math
+import dataclasses
 from typing import List
 
 import torch
@@ -74,6 +75,14 @@ def _dense_mask_as_blocks(kern, mask: torch.Tensor, B: int, H: int, Tq: int, Tk:
     mask = expand_kv_heads(mask, H, 1)
     size = dense_mask_block(kern.F.interpreter())
     bm = block_mask_from_dense(mask, (size, size))
+    if mask.shape[2] == 1 and Tq > 1:
+        # one row shared by every query: its block lists hold for every query block (summarised once,
+        # never expanded to Tq rows)
+        mq = -(-Tq // size)
+        bm = dataclasses.replace(
+            bm, kv_num_blocks=bm.kv_num_blocks.expand(-1, -1, mq), kv_indices=bm.kv_indices.expand(-1, -1, mq, -1),
+            full_kv_num_blocks=bm.full_kv_num_blocks.expand(-1, -1, mq),
+            full_kv_indices=bm.full_kv_indices.expand(-1, -1, mq, -1), seq_lengths=(Tq, Tk))
     bm.mask_mod = None  # the element mask is ``mask`` itself: no need to evaluate it back
     (kvn, kvi, fn, fi, _), blocks = kern.F.block_mask_tensors(bm, B, H, Tq, Tk, mask.device)
     return (kvn, kvi, fn, fi, mask), blocks
