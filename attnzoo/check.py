@@ -93,6 +93,12 @@ def _variant_cases() -> List[Case]:
         gates[gates < 0.4] = 0.0
         return dict(q=_r(g, 2, 23, 4, 32), k=_r(g, 2, 23, 2, 32), v=_r(g, 2, 23, 2, 32), gates=gates, causal=True)
 
+    def moh_decode(g):  # a few queries, no gradient: the split-K decode kernel with gates
+        gates = torch.rand(3, 2, 8, generator=g, dtype=torch.float64)
+        gates[gates < 0.5] = 0.0
+        gates[0, :, :4] = 0.0  # batch 0: kv heads 0 and 1 have no active query head
+        return dict(q=_r(g, 3, 2, 8, 32), k=_r(g, 3, 45, 4, 32), v=_r(g, 3, 45, 4, 32), gates=gates, causal=True)
+
     def dma(g):
         return dict(q=_r(g, 2, 29, 4, 32), k=_r(g, 2, 29, 2, 32), v=_r(g, 2, 29, 2, 32), bias=_r(g, 2, 2, 29),
                     keep_window=8, causal=True)
@@ -110,6 +116,7 @@ def _variant_cases() -> List[Case]:
 
     return [
         Case("moh_attention", "gqa causal", moh, moh_attention, ("q", "k", "v", "gates")),
+        Case("moh_attention", "decode, idle kv heads", moh_decode, moh_attention, ()),
         Case("moh_router", "2 shared + top-3 of 6", router, moh_router, ("logits_routed", "logits_shared", "logits_mix")),
         Case("dynamic_mask_attention", "gqa causal", dma, dynamic_mask_attention, ("q", "k", "v", "bias")),
         Case("lightning_attention", "decay, Dv != D", lightning, lightning_attention, ("q", "k", "v")),

@@ -39,7 +39,12 @@ def accuracy_rule(
     infinity the reference does not have (e.g. lse = -inf of a fully masked row) fails: error inf."""
     dtype = dtype or out.dtype
     err = max_abs_error(out, ref_hi) if tuple(out.shape) == tuple(ref_hi.shape) else float("inf")
-    tol = factor * max_abs_error(ref_lo, ref_hi) + (FLOORS.get(dtype, 1e-5) if floor is None else floor)
+    ref_err = max_abs_error(ref_lo, ref_hi)
+    if ref_err == float("inf"):
+        # the low-precision reference overflowed or produced NaN: it bounds nothing (an infinite tolerance
+        # would pass anything), so the check fails and the caller must pick a usable reference or floor
+        return False, err, float("nan")
+    tol = factor * ref_err + (FLOORS.get(dtype, 1e-5) if floor is None else floor)
     return err <= tol, err, tol
 
 
@@ -48,6 +53,7 @@ def assert_accuracy(out, ref_hi, ref_lo, name: str = "output", dtype=None, *, fa
     assert tuple(out.shape) == tuple(ref_hi.shape), f"{name}: shape {tuple(out.shape)} != reference {tuple(ref_hi.shape)}"
     assert not torch.isnan(out).any(), f"{name}: output has {int(torch.isnan(out).sum())} NaN(s) (unwritten or 0/0)"
     ok, err, tol = accuracy_rule(out, ref_hi, ref_lo, dtype, factor=factor, floor=floor)
+    assert tol == tol, f"{name}: the low-precision reference is not finite where the fp64 one is; it bounds nothing"
     assert ok, (
         f"{name}: max error {err:.3e} vs fp64 exceeds {factor} x the low-precision reference's error + floor = {tol:.3e}"
     )

@@ -200,16 +200,20 @@ def test_module_applies_knocking_after_projection_on_kv_heads(T):
     torch.testing.assert_close(v, m.v_proj(x).view(B, T, 2, D) @ kn.t_v)
 
 
-def test_kha_mlp_cache_stores_transformed_values():
+@pytest.mark.parametrize("form", ["mlp", "linear"])
+@pytest.mark.parametrize("kv_heads", [H, 2])
+def test_kha_cache_stores_transformed_values(form, kv_heads):
     torch.manual_seed(0)
-    m = KnockingHeadsAttention(DIM, H, knocking="mlp")
+    m = KnockingHeadsAttention(DIM, H, num_kv_heads=kv_heads, knocking=form)
     perturb(m, ["knocking"], scale=0.3)
     x, _ = inputs(1, 5)
     cache = m.new_cache(1)
     with torch.no_grad():
         m(x, cache=cache)
         _, _, v, _q_raw = m.project(x, torch.arange(5).expand(1, 5))
+        raw_v = m.v_proj(x).view(1, 5, kv_heads, -1)  # the projection before T^V
     torch.testing.assert_close(cache._bufs["v"][:, :5], v)
+    assert (v - raw_v).abs().max() > 1e-2  # knocking changed V, so the check above can tell the two apart
 
 
 def test_knocking_errors_name_the_argument():

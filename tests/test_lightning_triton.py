@@ -81,7 +81,7 @@ def _check(B, T, H, D, Dv, dtype, *, decay, h0, use_dS, seed, cu_seqlens=None, c
 @given(
     st.fixed_dictionaries(
         dict(
-            B=st.integers(1, 2), T=st.integers(1, 50), H=st.integers(1, 2), D=st.sampled_from([16, 24, 32]),
+            B=st.integers(1, 2), T=st.integers(1, 3 * CHUNK + 2), H=st.integers(1, 2), D=st.sampled_from([16, 24, 32]),
             Dv=st.sampled_from([16, 20, 32]), dtype=st.sampled_from(DTYPES), decay=st.sampled_from([0.0, 0.05, 1.0]),
             h0=st.booleans(), use_dS=st.booleans(), seed=st.integers(0, 2**16),
         )
@@ -143,7 +143,7 @@ def test_lengths_not_multiple_of_chunk_and_tiny_head_dims(dtype):
         _check(1, T, 1, 8, 4, dtype, decay=0.3, h0=True, use_dS=True, seed=T)
 
 
-@pytest.mark.parametrize("D, Dv", [(96, 96), (192, 64)])
+@pytest.mark.parametrize("D, Dv", [(96, 96), (192, 64), (64, 192), (128, 128), (256, 256)])
 def test_head_dims_96_192(D, Dv):
     _check(1, 21, 1, D, Dv, torch.float16, decay=0.05, h0=True, use_dS=True, seed=D)
 
@@ -257,8 +257,13 @@ def test_module_with_triton_backend():
     ref.load_state_dict(m.state_dict())
     x = torch.randn(2, 19, 32, device=DEVICE)
     y = m(x)
-    torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4)
-    y.sum().backward()
+    y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(m.parameters()), dy)
+    grads_ref = torch.autograd.grad(y_ref, list(ref.parameters()), dy)
+    for (name, _), g, g_ref in zip(m.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4, msg=name)
     with torch.no_grad():
         cache = m.new_cache(2)
         steps = [m(x[:, :17], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in (17, 18)]
@@ -275,3 +280,17 @@ def test_module_torch_compile_fullgraph():
     y = compiled(x)
     y.sum().backward()
     torch.testing.assert_close(y, m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_custom_ops_opcheck():
+    """Fakes, schemas and autograd registrations of the chunked ops agree with their real kernels."""
+    q, k, v, s, S0, do, dS = _make(1, 20, 2, 16, 24, torch.float32, decay=0.5, h0=True, seed=4)
+    cu = torch.tensor([0, 20], dtype=torch.int32, device=DEVICE)
+    rate = s.float()
+    flat = [t[0].clone().requires_grad_() for t in (q, k, v)]
+    h0 = S0.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.attnzoo.lightning_fwd.default, (*flat, rate, cu, h0, 0.7, 16, 1))
+    torch.library.opcheck(torch.ops.attnzoo.lightning_fwd.default, (*flat, rate, cu, None, 0.7, 16, 2))
+    for segments in (1, 2):
+        torch.library.opcheck(torch.ops.attnzoo.lightning_bwd.default,
+                              (do[0], dS, *(t.detach() for t in flat), rate, cu, S0, 0.7, 16, segments))

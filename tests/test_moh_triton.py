@@ -260,3 +260,40 @@ def test_decode_op_checks_and_compiles_fullgraph():
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, gates),
                                    f(q, k, v, gates))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_module_training_step_triton_equals_reference_backend(causal):
+    """A whole MoH layer (router, GQA, RoPE, padding) forward and backward, causal (LM) and not (ViT)."""
+    torch.manual_seed(3)
+    m = az.MoHAttention(64, 4, 2, num_shared_heads=1, top_k=2, rope=causal, causal=causal, backend="reference").to(DEV)
+    with torch.no_grad():
+        m.router_routed.normal_(0, 0.5)
+    x = torch.randn(2, 21, 64, device=DEV)
+    kpm = torch.ones(2, 21, dtype=torch.bool, device=DEV)
+    kpm[1, :4] = False
+    out = {}
+    for backend in ("reference", "triton"):
+        m.backend = backend
+        y = m(x, key_padding_mask=kpm)
+        loss = (y * torch.linspace(-1, 1, y.numel(), device=DEV).view_as(y)).sum() + m.aux_loss
+        out[backend] = [y] + list(torch.autograd.grad(loss, list(m.parameters())))
+    names = ["y"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, out["triton"], out["reference"]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_custom_ops_opcheck():
+    from attnzoo.ops.moh import triton_moh
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 19, 4, 16, generator=gen).to(DEV).requires_grad_()
+    k, v = (torch.randn(1, 19, 2, 16, generator=gen).to(DEV).requires_grad_() for _ in range(2))
+    gates = make_gates(1, 19, 4, 0.6, gen).to(DEV).requires_grad_()
+    args = (q, k, v, gates, None, 0.25, True, -1, -1)
+    torch.library.opcheck(torch.ops.attnzoo.moh_attention_fwd.default, args)
+    o, lse, rows, counts, offs = triton_moh.moh_attention_fwd(*(t.detach() if torch.is_tensor(t) else t for t in args))
+    do = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.attnzoo.moh_attention_bwd.default,
+                          (do, q.detach(), k.detach(), v.detach(), gates.detach(), o, lse, rows, counts, offs, None,
+                           0.25, True, -1, -1))

@@ -445,7 +445,7 @@ def fwd_impl(q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: int, segme
     _, local = _launch_fwd(q, k, v, rate, cu, None, scale, BT, store_o=False)
     s_in = _segment_initial_states(local, h0, rate, n, P, seg_len)
     o, ht = _launch_fwd(q, k, v, rate, cu, s_in, scale, BT)
-    return o, ht.view(n, P, *ht.shape[1:])[:, -1].contiguous()
+    return o, ht.view(n, P, *ht.shape[1:])[:, -1].clone(memory_format=torch.contiguous_format)  # a fresh tensor
 
 
 def _plan(q, v, n: int, BT: int, segments: int) -> Tuple[int, int]:
@@ -490,7 +490,7 @@ def bwd_impl(do, dht, q, k, v, rate, cu_seqlens, h0, scale: float, chunk_size: i
     )
     dv, dh0 = _launch_dv(q, k, do, rate, cu, dht, scale, BT)
     if P > 1:
-        dh0 = dh0.view(n, P, *dh0.shape[1:])[:, 0].contiguous()
+        dh0 = dh0.view(n, P, *dh0.shape[1:])[:, 0].clone(memory_format=torch.contiguous_format)
     return dq, dk, dv, dh0
 
 

@@ -323,7 +323,7 @@ def moh_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
     scale: float, causal: bool, window_left: int, window_right: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``o [B, T, H, Dv]`` (zero on inactive rows), ``lse [B, H, T]`` (written on active rows only)
+    """Returns ``o [B, T, H, Dv]`` (zero on inactive rows), ``lse [B, H, T]`` (``-inf`` on inactive rows)
     and the packing (``rows [B, H, T]``, ``counts [B*H]``, ``tile_offsets [B*H+1]``) the backward reuses."""
     B, Tq, H, D = q.shape
     bm, bn, warps, stages = _tiles(max(D, v.shape[-1]))
@@ -332,9 +332,10 @@ def moh_attention_fwd(
         o = torch.full((B, Tq, H, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
         o.masked_fill_((gates == 0)[..., None], 0.0)
         lse = torch.full((B, H, Tq), float("nan"), dtype=torch.float32, device=q.device)
+        lse.masked_fill_((gates == 0).transpose(1, 2), float("-inf"))
     else:
         o = torch.zeros(B, Tq, H, v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H, Tq), float("-inf"), dtype=torch.float32, device=q.device)  # inactive rows
     if packed.max_tiles == 0 or k.shape[1] == 0:
         return o, lse, packed.rows, packed.counts, packed.tile_offsets
     a = _problem(q, k, v, gates, key_padding_mask, scale, causal, window_left, window_right)
