@@ -326,3 +326,33 @@ def test_module_call_validation():
         m(torch.randn(2, 5, 32), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(InputError, match="^cache"):
         m(torch.randn(2, 5, 32), cache=m.new_cache(3))
+
+
+@pytest.mark.parametrize("silu_v,kv_heads", [(False, 4), (True, 2)])
+def test_module_equals_its_formula(silu_v, kv_heads):
+    """The layer, written out by hand (SPEC §6's TransNormer/MiniMax form) from the module's own weights:
+    o = RMSNorm(lightning(SiLU(x Wq), SiLU(x Wk), [SiLU](x Wv))) * sigmoid(x Wg), then Wo."""
+    torch.manual_seed(2)
+    m = LightningAttention(32, 4, kv_heads, head_dim=8, silu_v=silu_v, layer_idx=1, num_layers=4,
+                           dtype=torch.float64)
+    with torch.no_grad():
+        m.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    B, T, H, D = 2, 11, 4, 8
+    silu = lambda t: t * torch.sigmoid(t)  # noqa: E731
+    q = silu(x @ m.q_proj.weight.T).view(B, T, H, D)
+    k = silu(x @ m.k_proj.weight.T).view(B, T, kv_heads, D).repeat_interleave(H // kv_heads, 2)
+    v = (x @ m.v_proj.weight.T).view(B, T, kv_heads, D).repeat_interleave(H // kv_heads, 2)
+    v = silu(v) if silu_v else v
+    lam = torch.exp(-decay_rates(H, "alibi", layer_idx=1, num_layers=4).double())
+    o = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            S = torch.zeros(D, D, dtype=torch.float64)
+            for t in range(T):
+                S = lam[h] * S + torch.outer(k[b, t, h], v[b, t, h])
+                o[b, t, h] = q[b, t, h] @ S
+    o = o.reshape(B, T, H * D)
+    o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * m.norm.weight
+    want = (o * torch.sigmoid(x @ m.g_proj.weight.T)) @ m.o_proj.weight.T
+    torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
