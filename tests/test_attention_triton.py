@@ -365,10 +365,20 @@ def test_block_mask_never_loads_unlisted_blocks():
     bm = bmm.BlockMask(c, i, None, None, (16, 16), (T, T), None)
     k[:, 16:32] = float("nan")
     v[:, 16:32] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     o = attnzoo.attention(q, k, v, block_mask=bm, backend="triton")
     assert torch.isfinite(o).all()
-    ref = attention_reference(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), block_mask=bm)
+    ref_in = [t.detach().double().nan_to_num().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_in, block_mask=bm)
     assert (o.double() - ref).abs().max() < 1e-5
+    # the backward skips them too: finite gradients, equal to the reference's, and 0 for the skipped keys
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    grads_ref = torch.autograd.grad(ref, ref_in, do.double())
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert torch.isfinite(g).all(), name
+        assert (g.double() - g_ref).abs().max() < 1e-5, name
+    assert (grads[1][:, 16:32] == 0).all() and (grads[2][:, 16:32] == 0).all()
 
 
 def test_dense_mask_skips_the_tiles_it_empties():

@@ -478,6 +478,23 @@ def test_pipeline_checks_before_timing():
     assert len(calls) == 3  # only the agreeing provider was ever handed to the timer
 
 
+# what each suite must time on a GPU: attnzoo's kernels and the peers/baselines its issue names
+_REQUIRED_PROVIDERS = {
+    "attention": {"attnzoo-triton", "sdpa-flash", "sdpa-cudnn", "flex"},
+    "decode": {"attnzoo-triton", "sdpa-flash", "flash-attn"},
+    "sparse": {"attnzoo-triton", "attnzoo-dma-triton", "flex"},
+    "lightning": {"attnzoo-triton", "lightning-attn", "fla-chunk", "fla-recurrent"},
+    "moh": {"attnzoo-triton", "attnzoo-dense-core", "dense-mask-sdpa-flash"},
+    "knocking": {"base", "kha-linear", "kha-mlp", "kha-linear-folded"},
+}
+
+
+@pytest.mark.parametrize("name", S.NAMES)
+def test_every_suite_has_attnzoo_and_its_peers(name):
+    names = {p.name for p in S.get(name).providers()}
+    assert _REQUIRED_PROVIDERS[name] <= names, sorted(_REQUIRED_PROVIDERS[name] - names)
+
+
 @pytest.mark.parametrize("name", S.NAMES)
 def test_every_suite_runs_its_cpu_providers(name):
     """Each suite's inputs, gold answer and the providers that can run on CPU agree (tiny shapes)."""

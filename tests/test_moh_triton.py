@@ -297,3 +297,25 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.attnzoo.moh_attention_bwd.default,
                           (do, q.detach(), k.detach(), v.detach(), gates.detach(), o, lse, rows, counts, offs, None,
                            0.25, True, -1, -1))
+
+
+@settings(max_examples=8)
+@given(
+    T=st.integers(1, 37),
+    layout=st.sampled_from([(4, 2, 1, 1), (6, 3, 2, 2), (8, 2, 2, 3), (5, 5, 0, 4)]),  # H, Hkv, shared, top_k
+    causal=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_router_top_k_gates_match_dense_reference(T, layout, causal, dtype, seed):
+    """Gates from the real router (shared heads first, top-k of the routed ones), not a random pattern."""
+    from attnzoo.ops.moh.router_api import moh_router
+
+    H, Hkv, shared, top_k = layout
+    gen = torch.Generator().manual_seed(seed)
+    routed = torch.randn(2, T, H - shared, generator=gen)
+    shared_logits = torch.randn(2, T, shared, generator=gen) if shared else None
+    mix = torch.randn(2, T, 2, generator=gen) if shared else None
+    gates = moh_router(routed, shared_logits, mix, top_k=top_k, backend="reference").gates
+    assert int((gates[..., shared:] != 0).sum(-1).max()) <= top_k
+    run_case(2, T, T + 3, H, Hkv, 16, gates.detach(), dtype, causal=causal, seed=seed)
