@@ -223,3 +223,17 @@ def test_knocking_errors_name_the_argument():
     with pytest.raises(attnzoo.InputError) as e:
         MultiHeadAttention(DIM, H, knocking="cubic")
     assert "knocking" in str(e.value)
+
+
+@pytest.mark.parametrize("form", ["linear", "mlp"])
+def test_knock_qk_false_keeps_value_transform_only(form):
+    """T^Q and T^K are optional; the value transform is always there, and it acts."""
+    m = KnockingHeadsAttention(DIM, H, num_kv_heads=2, knocking=form, knock_qk=False)
+    names = {n.split(".")[-1] for n, _ in m.named_parameters() if "knock" in n}
+    assert not names & {"t_q", "t_k"}
+    assert names == ({"t_v"} if form == "linear" else {"w_up", "w_gate", "w_down"})
+    perturb(m, ["knocking"], scale=0.3)
+    base = MultiHeadAttention(DIM, H, num_kv_heads=2)
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if "knock" not in k})
+    x, _ = inputs(1, 6)
+    assert (m(x) - base(x)).abs().max() > 1e-3  # V is transformed even without T^Q/T^K
