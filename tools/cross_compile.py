@@ -203,14 +203,20 @@ def scenarios_attention(dtype):
 
 def scenarios_lightning(dtype):
     import attnzoo
+    from attnzoo.ops.lightning import triton_backend as tb
+    from attnzoo.ops.lightning.triton_chunk import default_chunk_size
 
     for D, Dv in ((64, 64), (128, 128), (96, 192), (256, 256)):
         def run(D=D, Dv=Dv):
             q, k, v = _t(2, 200, 4, D, dtype=dtype), _t(2, 200, 4, D, dtype=dtype), _t(2, 200, 4, Dv, dtype=dtype)
             h0 = _t(2, 4, D, Dv, dtype=torch.float32)
-            out = attnzoo.lightning_attention(q, k, v, decay=torch.rand(4), initial_state=h0,
-                                              output_final_state=True, backend="triton")
-            _backward(out)
+            tb.CHUNK_SIZE = default_chunk_size(torch.device("cuda"), D, Dv, dtype)  # what a GPU run picks
+            try:
+                out = attnzoo.lightning_attention(q, k, v, decay=torch.rand(4), initial_state=h0,
+                                                  output_final_state=True, backend="triton")
+                _backward(out)
+            finally:
+                tb.CHUNK_SIZE = None
 
         def decode(D=D, Dv=Dv):
             with torch.no_grad():

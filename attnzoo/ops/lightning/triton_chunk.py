@@ -25,9 +25,9 @@ registers the whole way. Per chunk: the intra-chunk part is the masked quadratic
   final state past the accuracy rule. fp32 inputs use exact ("ieee") dots everywhere: correct but slow
   (no tensor cores; a quarter-size state slice keeps spills small up to head dim 128, larger ones spill);
   use fp16/bf16 for speed.
-- Registers: the per-tile offsets are int32 around one int64 scalar base per chunk. Chunk 32 (head dims
-  <= 64, half precision) or 16, 8 warps: chosen from offline sm_90 compiles (no GPU here to time them),
-  where those sizes spill <= 40 B per thread in fp16/bf16 and chunk 64 spilled 0.4-2 KB.
+- Registers: the per-tile offsets are int32 around one int64 scalar base per chunk. Chunk 64 (head dims
+  <= 64, half precision), 32 (<= 128) or 16, 8 warps: chosen from offline sm_90 compiles (no GPU here to
+  time them) as the largest chunks that spill nothing (:func:`default_chunk_size`).
 - Varlen: sequences come from ``cu_seqlens`` (a dense batch is ``cu = arange(B + 1) * T``); the state
   restarts from ``initial_state[i]`` (or 0) at every sequence.
 - Segments (dense batches only): when ``n_seqs * H * (Dv / BV)`` programs would leave the GPU under-filled
@@ -302,13 +302,15 @@ def _warps(BT: int, BD: int, BV: int) -> int:
 
 def default_chunk_size(device: torch.device, D: int = 128, Dv: int = 128, dtype: torch.dtype = torch.float16) -> int:
     """Chunk length. Under the CPU interpreter 16 (tests: many chunk boundaries on short sequences). On a
-    GPU 32 for fp16/bf16 with padded head dims <= 64, else 16. Chosen offline (no GPU was available to
-    time them) from sm_90 compiles: these are the sizes whose kernels do not spill registers at 8 warps
-    (chunk 64 spilled 0.4-2 KB per thread) and stay under ~100 KB of shared memory."""
-    if device.type != "cuda":
+    GPU, fp16/bf16: 64 for padded head dims <= 64, 32 up to 128, else 16; fp32 (exact FMA dots): 16.
+    Chosen offline (no GPU was available to time them) from sm_90 compiles with Triton 3.6 and 3.9
+    (tools/cross_compile.py): the largest chunk whose four kernels spill no registers at 8 warps and stay
+    under ~150 KB of shared memory (chunk 64 at head dim 128 spilled 40-80 B per thread). A longer chunk
+    means fewer serial steps and taller tensor-core tiles; its intra-chunk cost grows only as C * D."""
+    if device.type != "cuda" or dtype == torch.float32:
         return 16
     pad = max(_pow2(D), _pow2(Dv))
-    return 32 if (pad <= 64 and dtype != torch.float32) else 16
+    return 64 if pad <= 64 else 32 if pad <= 128 else 16
 
 
 def _check_chunk(chunk_size: int) -> int:
