@@ -75,7 +75,7 @@ class CompileOnlyDriver:
         return True
 
 
-# (kernel name, options, constexprs) -> record; records keep the first PTX of each specialization
+# (kernel, warps, stages, constexprs, tensor dtypes) -> record (with the cubin) of each specialization
 RECORDS: "OrderedDict[tuple, dict]" = OrderedDict()
 FAILURES = []
 _SCENARIO = ["-"]
