@@ -369,10 +369,11 @@ def _launch_dv(q, k, do, rate, cu, dht, scale: float, BT: int, store_dv: bool = 
 #             (``dS_end[P-1] = dS_T``); then the usual three sweeps over the segments.
 # Extra work: one state pass (forward) and one state + one dS pass (backward); extra memory: three
 # [n * P, H, D, Dv] fp32 state tensors, O(T D Dv / Lseg), transient (nothing is saved for the backward
-# beyond q, k, v, S0). With Lseg >= MIN_SEGMENT = 2048 >= Dv * chunk for Dv <= 128 that stays within the
-# O(T D / C) budget. Varlen input is never cut (its lengths live on the device; reading them would sync).
+# beyond q, k, v, S0). With Lseg >= MIN_SEGMENT = 4096 >= Dv * chunk for every GPU default chunk
+# (64 x 64, 128 x 32, 256 x 16) that stays within the O(T D / C) budget. Varlen input is never cut (its
+# lengths live on the device; reading them would sync).
 
-MIN_SEGMENT = 2048  # tokens: below this the extra passes cost more than the parallelism buys
+MIN_SEGMENT = 4096  # tokens: the memory bound above; shorter segments would also spend more on extra passes
 PROGRAMS_PER_SM = 2
 
 
