@@ -252,8 +252,8 @@ def _attn_fwd_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, head blocks) tried on a GPU, each only for the head blocks
 # (max(BLOCK_D, BLOCK_DV)) it is listed for; the interpreter uses one small fixed tile so tests cross tile
 # boundaries with tiny shapes. The lists come from compiling every candidate for sm_90 with
-# tools/cross_compile.py (fp16, Triton 3.9): a config is offered for a head block only if it spills no
-# registers there in the common variants (e.g. 128x128 tiles spill at head block 128; at 256 only tiles of
+# tools/cross_compile.py (fp16/bf16, Triton 3.9, checked again on 3.6): a config is offered for a head block
+# only if it spills no registers there in the common variants (e.g. 128x128 tiles spill at head block 128; at 256 only tiles of
 # <= 64x32 with 8 warps fit). Which of them is fastest is the autotuner's call on the GPU.
 SMALL, MID, WIDE, ALL = (16, 32, 64), (128,), (256,), (16, 32, 64, 128, 256)
 GPU_FWD_CONFIGS = [

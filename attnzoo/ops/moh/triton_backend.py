@@ -13,6 +13,7 @@ import torch
 from attnzoo import backends
 from attnzoo.ops.attention.triton_backend import MAX_DECODE_QUERIES
 
+
 def supports_moh(q, k, v, gates, **_) -> List[str]:
     reasons = backends.triton_tensor_reasons(q, "q")
     if not gates.is_floating_point() or gates.dtype == torch.float64:
