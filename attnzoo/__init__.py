@@ -18,10 +18,9 @@ from attnzoo.ops.masks import block_mask as masks
 from attnzoo.ops.masks.block_mask import BlockMask
 from attnzoo.ops.masks.flex import from_flex, to_flex
 from attnzoo.ops.moh.api import moh_attention
-from attnzoo.modules.base import MultiHeadAttention
+from attnzoo.modules.mha import KnockingHeadsAttention, MultiHeadAttention
 from attnzoo.modules.cache import KVCache
 from attnzoo.modules.dma import DynamicMaskAttention
-from attnzoo.modules.kha import KnockingHeadsAttention
 from attnzoo.modules.lightning import LightningAttention, LightningCache
 from attnzoo.modules.moh import MoHAttention
 from attnzoo.modules.rope import RotaryEmbedding

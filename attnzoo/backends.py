@@ -17,7 +17,6 @@ chosen op (no graph break from dispatch).
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List
@@ -25,6 +24,7 @@ from typing import Callable, Dict, List
 import torch
 
 from attnzoo.errors import BackendUnavailableError, InputError
+from attnzoo.ops.triton_common import interpreter
 
 BACKENDS = ("reference", "triton", "cuda")
 
@@ -136,7 +136,7 @@ def triton_importable() -> bool:
 
 
 def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreter()
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from attnzoo.errors import InputError
-from attnzoo.modules.base import MultiHeadAttention, SoftmaxAttentionBase
+from attnzoo.modules.base import SoftmaxAttentionBase
+from attnzoo.modules.mha import MultiHeadAttention
 from attnzoo.modules.dma import DynamicMaskAttention
 from attnzoo.modules.moh import MoHAttention
 

@@ -1,4 +1,4 @@
-"""The common base of the softmax attention modules, and ``MultiHeadAttention`` (MHA/GQA/MQA/WGQA).
+"""The common base of the softmax attention modules (``MultiHeadAttention`` lives in ``mha.py``).
 
 Pipeline of every softmax module (DESIGN.md, SPEC §2-§5)::
 
@@ -293,8 +293,3 @@ class SoftmaxAttentionBase(nn.Module):
             f"head_dim={self.head_dim}, causal={self.causal}, backend={self.backend!r}"
             + (f", kv_weights={self.kv_weights!r}" if self.kv_weights else "")
         )
-
-
-class MultiHeadAttention(SoftmaxAttentionBase):
-    """Multi-head softmax attention; GQA/MQA through ``num_kv_heads``, WGQA through ``kv_weights="wgqa"``,
-    knocking heads through ``knocking="linear"|"mlp"``."""

@@ -1,1 +1,4 @@
-from attnzoo.ops.attention import triton_backend  # noqa: F401
+"""The softmax core (SPEC §1): ``attention`` and ``attention_with_kvcache``; reference, Triton kernels."""
+
+from attnzoo.ops.attention import api  # noqa: F401  (entry points; registers "reference")
+from attnzoo.ops.attention import triton_backend  # noqa: F401  (registers "triton")

@@ -11,7 +11,6 @@ from attnzoo import backends
 from attnzoo.errors import InputError
 from attnzoo.ops import validate as V
 from attnzoo.ops.attention.api import validate_attention
-from attnzoo.ops.dma import triton_backend  # noqa: F401  (registers the triton backend)
 from attnzoo.ops.dma.reference import dynamic_mask_attention_reference
 
 

@@ -8,7 +8,6 @@ from attnzoo import backends
 from attnzoo.errors import InputError
 from attnzoo.ops import validate as V
 from attnzoo.ops.knocking import reference as R
-from attnzoo.ops.knocking import triton_backend  # noqa: F401  (registers the "triton" backend)
 
 
 def validate_kha_mlp(v, w_up, w_gate, w_down) -> None:

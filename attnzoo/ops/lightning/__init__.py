@@ -5,7 +5,5 @@ per-head rate presets; ``triton_chunk`` / ``triton_recurrent`` are the kernels (
 backend runs); ``triton_backend`` registers them.
 """
 
-from attnzoo.ops.lightning.api import lightning_attention, lightning_decode
-from attnzoo.ops.lightning.decay import decay_rates
-
-__all__ = ["lightning_attention", "lightning_decode", "decay_rates"]
+from attnzoo.ops.lightning import api  # noqa: F401  (entry points; registers "reference")
+from attnzoo.ops.lightning import triton_backend  # noqa: F401  (registers "triton")

@@ -199,6 +199,3 @@ def lightning_decode(
     if tuple(state.shape) != (B, H, D, v.shape[-1]):
         raise InputError(f"state: expected shape (B, H, D, Dv) = {(B, H, D, v.shape[-1])}, got {V.shape_str(state)}")
     return backends.dispatch("lightning_decode", backend, q=q, k=k, v=v, state=state, decay=decay, scale=scale)
-
-
-from attnzoo.ops.lightning import triton_backend as _triton_backend  # noqa: E402,F401  (registers "triton")

@@ -10,7 +10,6 @@ from attnzoo import backends
 from attnzoo.errors import InputError
 from attnzoo.ops import validate as V
 from attnzoo.ops.attention.api import validate_attention
-from attnzoo.ops.moh import triton_backend  # noqa: F401  (registers the triton backend)
 from attnzoo.ops.moh.reference import moh_attention_reference
 
 

@@ -18,8 +18,8 @@ from benchmarks import suites as S
 from benchmarks.providers import Built, Provider
 from benchmarks.suites.base import gold_attention
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "bench_results_sample.json"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "benchmarks" / "fixtures" / "bench_results_sample.json"
 
 
 @pytest.fixture(autouse=True)

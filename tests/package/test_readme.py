@@ -6,7 +6,7 @@ from pathlib import Path
 import attnzoo
 from attnzoo import backends
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 
