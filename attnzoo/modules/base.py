@@ -24,8 +24,8 @@ from attnzoo.modules.cache import KVCache
 from attnzoo.modules.knocking import KnockingHeads
 from attnzoo.modules.rope import RotaryEmbedding
 from attnzoo.ops.attention.api import attention, attention_with_kvcache
-from attnzoo.ops.attention.triton_backend import MAX_DECODE_QUERIES  # new tokens a decode step may bring
 from attnzoo.ops.knocking.reference import fold_linear_into_proj
+from attnzoo.ops import validate as V
 from attnzoo.ops.validate import MAX_HEAD_DIM, shape_str
 
 def resolve_heads(dim: int, num_heads: int, num_kv_heads: Optional[int], head_dim: Optional[int]) -> Tuple[int, int]:
@@ -61,11 +61,20 @@ def make_rope(rope, head_dim: int) -> Optional[RotaryEmbedding]:
     raise InputError(f"rope: expected None, True, a base (float) or a RotaryEmbedding, got {type(rope).__name__}")
 
 
-def check_call(x, dim, key_padding_mask, position_ids, cache, cache_type=None):
-    """The common call's inputs; ``cache`` must be a ``cache_type`` (default :class:`KVCache`)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
-        got = shape_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise InputError(f"x: expected [batch, seq, dim={dim}], got {got}")
+def check_words(*, causal, qkv_bias, backend, scale=None, window=(-1, -1)) -> None:
+    """The common constructor words every module validates at construction (one validator per word, in
+    :mod:`attnzoo.ops.validate`); the head layout is :func:`resolve_heads`'s."""
+    V.check_flag("causal", causal)
+    V.check_flag("qkv_bias", qkv_bias)
+    V.check_backend(backend)
+    V.check_scale(scale)
+    V.check_window(window)
+
+
+def check_call(module, x, key_padding_mask, position_ids, cache, cache_type=None):
+    """The common call's inputs: ``x [B, T, dim]`` in the module's dtype and on its device; ``cache`` a
+    ``cache_type`` (default :class:`KVCache`) that this module's configuration made."""
+    V.check_module_input("x", x, dim=module.dim, param=module.q_proj.weight)
     B, T, _ = x.shape
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, T):
@@ -85,6 +94,18 @@ def check_call(x, dim, key_padding_mask, position_ids, cache, cache_type=None):
             )
         if cache.batch_size != B:
             raise InputError(f"cache: made for batch size {cache.batch_size}, x has batch {B}")
+        if cache.made_by != cache_key(module):
+            raise InputError(
+                f"cache: made by {cache.made_by[0]}({dict(cache.made_by[1])}), which is not this module's "
+                f"configuration {type(module).__name__}({dict(cache_key(module)[1])}); use this module's new_cache()"
+            )
+
+
+def cache_key(module) -> tuple:
+    """What a cache records of the module that made it: its class and configuration (backend aside, which
+    does not change what is stored)."""
+    words = tuple(sorted((k, repr(v)) for k, v in module.config.items() if k != "backend"))
+    return type(module).__name__, words
 
 
 def positions_for(x: torch.Tensor, position_ids, cache) -> torch.Tensor:
@@ -124,6 +145,8 @@ class SoftmaxAttentionBase(nn.Module):
     ):
         super().__init__()
         num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
+        check_words(causal=causal, qkv_bias=qkv_bias, backend=backend, scale=scale, window=window)
+        V.check_flag("knock_qk", knock_qk)
         if kv_weights not in (None, "wgqa"):
             raise InputError(f"kv_weights: expected None or 'wgqa', got {kv_weights!r}")
         fk = dict(device=device, dtype=dtype)
@@ -201,7 +224,7 @@ class SoftmaxAttentionBase(nn.Module):
     # -- the call -----------------------------------------------------------------------------------
     def new_cache(self, batch_size: int) -> KVCache:
         """A cache for generation: pass it as ``cache=`` to successive calls (under ``torch.no_grad()``)."""
-        return KVCache(batch_size)
+        return KVCache(V.check_int("batch_size", batch_size), made_by=cache_key(self))
 
     def forward(
         self,
@@ -216,7 +239,7 @@ class SoftmaxAttentionBase(nn.Module):
         ``key_padding_mask [B, T]`` bool, True = real token. With ``cache`` the new tokens attend to
         every cached token too (positions continue from the cache unless ``position_ids`` is given).
         """
-        check_call(x, self.dim, key_padding_mask, position_ids, cache)
+        check_call(self, x, key_padding_mask, position_ids, cache)
         B, T, _ = x.shape
         q, k, v, q_raw = self.project(x, positions_for(x, position_ids, cache))
         extras = self._key_extras(x, k, v)
@@ -259,7 +282,7 @@ class SoftmaxAttentionBase(nn.Module):
             self.causal
             and key_padding_mask is None
             and k.shape[1] > q.shape[1]
-            and q.shape[1] <= MAX_DECODE_QUERIES
+            and q.shape[1] <= V.MAX_DECODE_QUERIES
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
         )
 

@@ -16,8 +16,12 @@ from attnzoo.errors import InputError
 
 
 class KVCache:
-    def __init__(self, batch_size: int):
+    """``made_by``: the configuration of the module that made it (``(class name, words)``); the module
+    refuses a cache another configuration made, whose buffers would not fit or would mean something else."""
+
+    def __init__(self, batch_size: int, *, made_by: tuple = ("", ())):
         self.batch_size = batch_size
+        self.made_by = made_by
         self.seq_len = 0
         self._bufs: Dict[str, torch.Tensor] = {}  # name -> [B, capacity, ...]
         self._has_padding = False

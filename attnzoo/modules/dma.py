@@ -9,6 +9,7 @@ from torch import nn
 
 from attnzoo.errors import InputError
 from attnzoo.modules.base import SoftmaxAttentionBase
+from attnzoo.ops import validate as V
 from attnzoo.ops.dma.api import dynamic_mask_attention
 from attnzoo.ops.dma.reference import BIAS_FORMS, dma_bias
 
@@ -40,11 +41,10 @@ class DynamicMaskAttention(SoftmaxAttentionBase):
         **kwargs,
     ):
         super().__init__(
-            dim, num_heads, num_kv_heads, head_dim, causal, qkv_bias, qk_norm, rope, knocking, backend, device,
-            dtype, **kwargs,
+            dim, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal, qkv_bias=qkv_bias,
+            qk_norm=qk_norm, rope=rope, knocking=knocking, backend=backend, device=device, dtype=dtype, **kwargs,
         )
-        if not (isinstance(keep_window, int) and keep_window >= 1):
-            raise InputError(f"keep_window: expected an int >= 1, got {keep_window!r}")
+        V.check_int("keep_window", keep_window)
         if bias_form not in BIAS_FORMS:
             raise InputError(f"bias_form: expected one of {BIAS_FORMS}, got {bias_form!r}")
         if self.window != (-1, -1):

@@ -19,14 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.errors import InputError
-from attnzoo.modules.base import check_call, resolve_heads
+from attnzoo.modules.base import cache_key, check_call, check_words, resolve_heads
 from attnzoo.ops.lightning.api import lightning_attention, lightning_decode
 from attnzoo.ops.lightning.decay import decay_rates
+from attnzoo.ops import validate as V
 from attnzoo.ops.lightning.reference import state_dtype
-
-#: new-token counts up to this go through the fused recurrent decode op when no gradient is needed
-DECODE_MAX_TOKENS = 16
-
 
 class LightningCache:
     """Generation state of one :class:`LightningAttention` layer: the recurrent state ``[B, H, D, Dv]``
@@ -34,8 +31,9 @@ class LightningCache:
     with the context. Made by ``module.new_cache(batch_size)``; pass it as ``cache=`` to successive calls."""
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, value_dim: int, *, device=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, made_by: tuple = ("", ())):
         self.batch_size = batch_size
+        self.made_by = made_by  # the configuration of the module that made it (see modules.base.cache_key)
         self.seq_len = 0
         self.state = torch.zeros(batch_size, num_heads, head_dim, value_dim, device=device, dtype=dtype)
 
@@ -44,21 +42,17 @@ class LightningCache:
         self.seq_len = 0
 
 
-def _check_decay_arg(decay, num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
-    if isinstance(decay, torch.Tensor):
-        if decay.dim() != 1 or decay.shape[0] != num_heads or not decay.dtype.is_floating_point:
-            raise InputError(f"decay: a tensor of rates must be float with shape ({num_heads},), got {decay.dtype} "
-                             f"{tuple(decay.shape)}")
-        if not bool((torch.isfinite(decay) & (decay >= 0)).all()):
-            raise InputError(f"decay: rates must be finite and >= 0, got {decay.tolist()}")
-        return decay.detach().to(torch.float32).cpu()
-    if isinstance(decay, (int, float)) and not isinstance(decay, bool) and decay != 0:
-        if not decay > 0:
-            raise InputError(f"decay: a constant rate must be >= 0, got {decay!r}")
-        return torch.full((num_heads,), float(decay))
-    if decay in ("alibi", "paper", None, 0, "none"):
+def _decay_rates_arg(decay, num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """The module's ``decay`` word as fp32 rates on the host: a preset name (``decay_rates``), or rates checked
+    by the one decay validator (:func:`attnzoo.ops.validate.check_decay`)."""
+    if not isinstance(decay, torch.Tensor) and decay in ("alibi", "paper", "none", None):
         return decay_rates(num_heads, decay, layer_idx, num_layers)
-    raise InputError(f"decay: expected 'alibi', 'paper', None, a rate >= 0 or a [H] tensor of rates, got {decay!r}")
+    if isinstance(decay, str):
+        raise InputError(f"decay: expected 'alibi', 'paper', None, a rate >= 0 or a [H] tensor of rates, got {decay!r}")
+    rates = V.check_decay(decay, num_heads)
+    if isinstance(rates, torch.Tensor):
+        return rates.detach().to(torch.float32).cpu()
+    return torch.full((num_heads,), float(rates))
 
 
 class LightningAttention(nn.Module):
@@ -108,8 +102,9 @@ class LightningAttention(nn.Module):
         for name, val, bad, default in unsupported:
             if bad:
                 raise InputError(f"{name}: {val!r} is not supported by LightningAttention (only {default})")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise InputError(f"scale: expected a float, got {scale!r}")
+        check_words(causal=causal, qkv_bias=qkv_bias, backend=backend)
+        V.check_scale(scale, optional=False)
+        V.check_flag("silu_v", silu_v)
         fk = dict(device=device, dtype=dtype)
         self.config = dict(
             dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=True,
@@ -124,7 +119,7 @@ class LightningAttention(nn.Module):
         self.g_proj = nn.Linear(dim, num_heads * head_dim, bias=False, **fk)
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False, **fk)
         self.norm = nn.RMSNorm(num_heads * head_dim, eps=1e-6, **fk)
-        self._decay_cpu = _check_decay_arg(decay, num_heads, layer_idx, num_layers).to(torch.float32)
+        self._decay_cpu = _decay_rates_arg(decay, num_heads, layer_idx, num_layers).to(torch.float32)
         self.register_buffer("decay", self._decay_cpu.to(device=device), persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -136,8 +131,8 @@ class LightningAttention(nn.Module):
     def new_cache(self, batch_size: int) -> LightningCache:
         """A generation cache holding this layer's state (zeros) for ``batch_size`` sequences."""
         w = self.q_proj.weight
-        return LightningCache(batch_size, self.num_heads, self.head_dim, self.head_dim, device=w.device,
-                              dtype=state_dtype(w.dtype))
+        return LightningCache(V.check_int("batch_size", batch_size), self.num_heads, self.head_dim, self.head_dim,
+                              device=w.device, dtype=state_dtype(w.dtype), made_by=cache_key(self))
 
     def forward(
         self,
@@ -157,9 +152,7 @@ class LightningAttention(nn.Module):
         ``position_ids`` is accepted for interface compatibility and has no effect (positions enter only
         through the decay). With ``cache`` the tokens continue from the cache's state, which is updated.
         """
-        check_call(x, self.dim, key_padding_mask, position_ids, cache, LightningCache)
-        if cache is not None and not isinstance(cache, LightningCache):
-            raise InputError(f"cache: expected a LightningCache (module.new_cache(batch_size)), got {type(cache).__name__}")
+        check_call(self, x, key_padding_mask, position_ids, cache, LightningCache)
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = F.silu(self.q_proj(x)).view(B, T, H, D)
@@ -177,7 +170,7 @@ class LightningAttention(nn.Module):
             o = lightning_attention(q, k, v, decay=self.decay, scale=self.scale, backend=self.backend)
         else:
             needs_grad = torch.is_grad_enabled() and (q.requires_grad or cache.state.requires_grad)
-            if T <= DECODE_MAX_TOKENS and not needs_grad:
+            if T <= V.MAX_DECODE_QUERIES and not needs_grad:  # the fused recurrent decode op
                 o = lightning_decode(q, k, v, cache.state, decay=self.decay, scale=self.scale, backend=self.backend)
             else:
                 o, cache.state = lightning_attention(

@@ -55,23 +55,31 @@ class MoHAttention(SoftmaxAttentionBase):
         **kwargs,
     ):
         super().__init__(
-            dim, num_heads, num_kv_heads, head_dim, causal, qkv_bias, qk_norm, rope, knocking, backend, device,
-            dtype, **kwargs,
+            dim, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal, qkv_bias=qkv_bias,
+            qk_norm=qk_norm, rope=rope, knocking=knocking, backend=backend, device=device, dtype=dtype, **kwargs,
         )
         hs = num_heads // 4 if num_shared_heads is None else num_shared_heads
-        if not (isinstance(hs, int) and 0 <= hs <= num_heads):
+        if isinstance(hs, bool) or not (isinstance(hs, int) and 0 <= hs <= num_heads):
             raise InputError(f"num_shared_heads: expected an int in [0, num_heads={num_heads}], got {hs!r}")
         hr = num_heads - hs
-        k = max(1, hr // 2) if top_k is None else top_k
-        if hr and not (isinstance(k, int) and 1 <= k <= hr):
-            raise InputError(f"top_k: expected an int in [1, routed heads={hr}], got {k!r}")
+        if hr == 0:  # every head shared: nothing to route
+            if top_k not in (None, 0) or isinstance(top_k, bool):
+                raise InputError(
+                    f"top_k: num_shared_heads={hs} = num_heads leaves no routed heads, so top_k must be None or 0; "
+                    f"got {top_k!r}"
+                )
+            k = 0
+        else:
+            k = max(1, hr // 2) if top_k is None else top_k
+            if isinstance(k, bool) or not (isinstance(k, int) and 1 <= k <= hr):
+                raise InputError(f"top_k: expected an int in [1, routed heads={hr}], got {k!r}")
         if router not in ROUTERS:
             raise InputError(f"router: expected one of {ROUTERS}, got {router!r}")
         if normalize not in NORMALIZE:
             raise InputError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
         if aux_loss_form not in NORMALIZE:
             raise InputError(f"aux_loss_form: expected one of {NORMALIZE}, got {aux_loss_form!r}")
-        self.num_shared_heads, self.num_routed_heads, self.top_k = hs, hr, (k if hr else 0)
+        self.num_shared_heads, self.num_routed_heads, self.top_k = hs, hr, k
         self.router, self.normalize, self.aux_loss_form = router, normalize, aux_loss_form
         self.config.update(num_shared_heads=hs, top_k=k, router=router, normalize=normalize, aux_loss_form=aux_loss_form)
         fk = dict(device=device, dtype=dtype)

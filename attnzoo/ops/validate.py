@@ -1,19 +1,28 @@
-"""Input validation shared by every functional op.
+"""Input validation shared by every functional op and every module: one validator per argument.
 
 Every check raises :class:`attnzoo.errors.InputError` naming the argument, what it got and what it
-needs, and runs before any compute. Ops call these helpers first, then dispatch to a backend.
+needs, and runs before any compute. Ops call these helpers first, then dispatch to a backend; module
+constructors call the same helpers, so a bad word fails at construction, not at the first forward.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
 from attnzoo.errors import InputError
 
 MAX_HEAD_DIM = 256
+#: new queries a decode step may bring: up to this many, the decode ops (split-K over the cache) serve them
+MAX_DECODE_QUERIES = 16
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def default_scale(head_dim: int) -> float:
+    """The softmax scale when none is given: ``1 / sqrt(head_dim)`` (SPEC §0)."""
+    return 1.0 / math.sqrt(head_dim)
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -90,3 +99,100 @@ def check_broadcast(name: str, t: torch.Tensor, B: int, H: int, Hkv: int, Tq: in
                 f"{name}: shape {shape_str(t)} does not broadcast to (B, H, Tq, Tk) = ({B}, {H}, {Tq}, {Tk}); "
                 f"dim {i} is {got}, expected one of {{{what}}}{'' if i == 3 else ' or 1'} = {sorted(ok)}"
             )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scalar arguments (ops and module constructors alike)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_int(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` is an int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_window(window) -> Tuple[int, int]:
+    """``window = (left, right)``: ints (not bools) ``>= 0``, or ``-1`` for unbounded (SPEC §0)."""
+    if not (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+    ):
+        raise InputError(f"window: expected a pair of ints (left, right), -1 = unbounded, got {window!r}")
+    if any(w < -1 for w in window):
+        raise InputError(f"window: sizes must be >= 0, or -1 for unbounded; got {tuple(window)}")
+    return tuple(window)
+
+
+def check_scale(scale, *, optional: bool = True) -> Optional[float]:
+    """``scale``: a finite number > 0 (SPEC §0), or None (the op's default) when ``optional``."""
+    if scale is None and optional:
+        return None
+    if not (_is_number(scale) and math.isfinite(scale) and scale > 0):
+        want = "a finite float > 0" + (" or None" if optional else "")
+        raise InputError(f"scale: expected {want}, got {scale!r}")
+    return float(scale)
+
+
+def check_backend(backend) -> str:
+    """``backend``: ``"auto"`` or the name of a known backend (see :mod:`attnzoo.backends`)."""
+    from attnzoo.backends import BACKENDS  # the registry owns the list of names
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise InputError(f"backend: got {backend!r}; expected 'auto' or one of {tuple(BACKENDS)}")
+    return backend
+
+
+def check_decay(decay, num_heads: int):
+    """Lightning's per-head decay rates ``s`` (SPEC §6, ``lambda = exp(-s)``): None (no decay), a finite number
+    ``>= 0`` shared by every head, or a floating ``[num_heads]`` tensor of finite rates ``>= 0``. Returned
+    unchanged (the tensor's values are read on the host once: rates come from a module or a user, not a
+    graph)."""
+    if decay is None:
+        return None
+    if _is_number(decay):
+        if not (math.isfinite(decay) and decay >= 0):
+            raise InputError(f"decay: rates must be finite and >= 0 (lambda = exp(-s) <= 1), got {decay!r}")
+        return decay
+    if not isinstance(decay, torch.Tensor):
+        raise InputError(f"decay: expected None, a float or a [{num_heads}] tensor of rates, got {type(decay).__name__}")
+    if decay.dim() != 1 or decay.shape[0] != num_heads:
+        raise InputError(f"decay: expected shape ({num_heads},) (one rate per head), got {shape_str(decay)}")
+    if not decay.dtype.is_floating_point:
+        raise InputError(f"decay: expected a floating-point tensor, got dtype {decay.dtype}")
+    if not torch.compiler.is_compiling():
+        bad = ~(torch.isfinite(decay) & (decay >= 0))
+        if bool(bad.any()):
+            raise InputError(
+                f"decay: rates must be finite and >= 0 (lambda = exp(-s) <= 1), got {decay.detach().cpu().tolist()}"
+            )
+    return decay
+
+
+def check_module_input(name: str, x, *, dim: int, param: torch.Tensor) -> None:
+    """A module's input ``x [batch, seq, dim]``: a floating tensor on the module's device with its dtype
+    (any floating dtype under ``torch.autocast``, which casts per op)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = shape_str(x) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"{name}: expected [batch, seq, dim={dim}], got {got}")
+    if not x.dtype.is_floating_point:
+        raise InputError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts per op
+        raise InputError(
+            f"{name}: dtype {x.dtype} does not match the module's parameters ({param.dtype}); "
+            f"cast the input or the module (module.to({param.dtype}) / x.to({param.dtype}))"
+        )
+    if x.device != param.device:
+        raise InputError(f"{name}: is on {x.device} but the module's parameters are on {param.device}")

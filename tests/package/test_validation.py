@@ -266,8 +266,113 @@ def test_forcing_cuda_on_a_module_raises_at_call():
     assert "cuda" in str(e.value)
 
 
-def test_module_with_bad_backend_name_raises_input_error():
-    m = MultiHeadAttention(32, 4, backend="fast")
+def test_module_with_bad_backend_name_raises_input_error_at_construction():
     with pytest.raises(attnzoo.InputError) as e:
-        m(torch.randn(1, 3, 32))
+        MultiHeadAttention(32, 4, backend="fast")
     assert_names(e, "backend")
+
+
+# -- issue 11: inputs a new user tried that got the wrong kind of answer -------------------------------
+
+
+ALL_MODULES = [MultiHeadAttention, MoHAttention, KnockingHeadsAttention, DynamicMaskAttention, attnzoo.LightningAttention]
+
+
+@pytest.mark.parametrize("cls", ALL_MODULES)
+@pytest.mark.parametrize(
+    "word, value",
+    [
+        ("window", (-2, 0)), ("window", (True, 0)), ("scale", -1.0), ("scale", float("inf")), ("scale", 0.0),
+        ("backend", "gpu"), ("causal", "yes"), ("qkv_bias", 1),
+    ],
+)
+def test_module_constructor_rejects_bad_word(cls, word, value):
+    if cls in (DynamicMaskAttention, attnzoo.LightningAttention) and word == "window":
+        pytest.skip("these modules take no window word")
+    if cls is attnzoo.LightningAttention and word == "causal":
+        value = False  # LightningAttention is causal by construction: only True is accepted
+    with pytest.raises(attnzoo.InputError) as e:
+        cls(32, 4, **{word: value})
+    assert_names(e, word)
+
+
+@pytest.mark.parametrize("decay", [float("inf"), float("nan"), -0.5, torch.tensor([0.1, float("inf"), 0.1, 0.1])])
+def test_lightning_module_rejects_bad_decay_at_construction(decay):
+    with pytest.raises(attnzoo.InputError) as e:
+        attnzoo.LightningAttention(32, 4, decay=decay)
+    assert_names(e, "decay")
+
+
+@pytest.mark.parametrize("decay", [float("inf"), -1.0])
+def test_lightning_op_rejects_bad_decay(decay):
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(attnzoo.InputError) as e:
+        attnzoo.lightning_attention(q, q, q, decay=decay)
+    assert_names(e, "decay")
+
+
+def test_moh_top_k_that_cannot_hold_is_an_error_not_silently_zero():
+    with pytest.raises(attnzoo.InputError) as e:
+        MoHAttention(64, 8, num_shared_heads=8, top_k=3)
+    assert_names(e, "top_k")
+    m = MoHAttention(64, 8, num_shared_heads=8)  # every head shared, nothing routed: top_k None is fine
+    assert m.top_k == 0 and m.config["top_k"] == 0
+    m = MoHAttention(64, 8, num_shared_heads=2, top_k=3)
+    assert m.top_k == 3 and m.config["top_k"] == 3
+
+
+@pytest.mark.parametrize("cls", ALL_MODULES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.float16])
+def test_module_input_of_another_dtype_is_an_input_error(cls, dtype):
+    m = cls(32, 4)
+    x = torch.randn(1, 3, 32).to(dtype)
+    with pytest.raises(attnzoo.InputError) as e:
+        m(x)
+    assert_names(e, "x")
+
+
+def test_module_input_under_autocast_may_differ_from_the_parameters():
+    m = MultiHeadAttention(32, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(torch.randn(1, 3, 32))
+    assert y.shape == (1, 3, 32) and torch.isfinite(y.float()).all()
+
+
+def test_scale_true_and_window_true_are_not_numbers():
+    with pytest.raises(attnzoo.InputError) as e:
+        attnzoo.attention(q0, k0, v0, window=(True, 0))
+    assert_names(e, "window")
+    with pytest.raises(attnzoo.InputError) as e:
+        attnzoo.attention(q0, k0, v0, scale=True)
+    assert_names(e, "scale")
+    with pytest.raises(attnzoo.InputError) as e:
+        attnzoo.attention(q0, k0, v0, scale=float("inf"))
+    assert_names(e, "scale")
+
+
+def test_cache_made_by_another_module_configuration_is_refused():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, num_kv_heads=2)
+    dma = DynamicMaskAttention(32, 4, num_kv_heads=2, keep_window=4)
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        cache = mha.new_cache(1)
+        mha(x, cache=cache)
+        # a DMA layer would read its per-key bias from a buffer the MHA cache never wrote
+        with pytest.raises(attnzoo.InputError) as e:
+            dma(x[:, :1], cache=cache)
+        assert_names(e, "cache")
+        other_heads = MultiHeadAttention(32, 4, num_kv_heads=4)
+        with pytest.raises(attnzoo.InputError) as e:
+            other_heads(x[:, :1], cache=cache)
+        assert_names(e, "cache")
+        assert cache.seq_len == 3  # refused calls leave the cache as it was
+        lightning = attnzoo.LightningAttention(32, 4)
+        with pytest.raises(attnzoo.InputError) as e:
+            lightning(x[:, :1], cache=cache)
+        assert_names(e, "cache")
+        # a module of the same configuration (e.g. a copy) may continue it
+        twin = MultiHeadAttention(32, 4, num_kv_heads=2)
+        twin.load_state_dict(mha.state_dict())
+        twin(x[:, :1], cache=cache)
+        assert cache.seq_len == 4

@@ -13,19 +13,6 @@ from attnzoo.ops.attention.reference import attention_reference, attention_with_
 from attnzoo.ops.masks.block_mask import BlockMask
 
 
-def check_window(window) -> Tuple[int, int]:
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
-        raise InputError(f"window: expected a pair of ints (left, right), got {window!r}")
-    if any(w < -1 for w in window):
-        raise InputError(f"window: sizes must be >= 0, or -1 for unbounded; got {tuple(window)}")
-    return tuple(window)
-
-
-def check_scale(scale) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise InputError(f"scale: expected a positive float or None, got {scale!r}")
-
-
 def check_max_seqlen(name: str, m) -> None:
     """``max_seqlen_*``: None or an int >= 0 (a SymInt under torch.compile)."""
     if m is None:
@@ -71,8 +58,8 @@ def validate_attention(
         if t.dim() != rank:
             raise InputError(f"{name}: expected {layout}, got shape {V.shape_str(t)}")
     V.check_same(("q", "k", "v"), (q, k, v))
-    window = check_window(window)
-    check_scale(scale)
+    window = V.check_window(window)
+    V.check_scale(scale)
     H, D = q.shape[-2], q.shape[-1]
     Hkv = k.shape[-2]
     if k.shape[:-1] != v.shape[:-1]:
@@ -241,8 +228,8 @@ def attention_with_kvcache(
     V.check_tensor("k_cache", k_cache, ranks=(4,))
     V.check_tensor("v_cache", v_cache, ranks=(4,))
     V.check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
-    window = check_window(window)
-    check_scale(scale)
+    window = V.check_window(window)
+    V.check_scale(scale)
     B, Tn, H, D = q.shape
     if k_cache.shape[:-1] != v_cache.shape[:-1]:
         raise InputError(f"v_cache: shape {V.shape_str(v_cache)} must match k_cache {V.shape_str(k_cache)} but in the last dim")

@@ -7,7 +7,6 @@ kernels, priority 10) registered by :mod:`attnzoo.ops.lightning.triton_backend`,
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
@@ -18,43 +17,18 @@ from attnzoo.ops import validate as V
 from attnzoo.ops.lightning.reference import lightning_parallel, lightning_recurrent, state_dtype
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise InputError(f"scale: expected a finite float, got {scale!r}")
-    return float(scale)
-
-
-def check_decay(decay, H: int, q: torch.Tensor) -> Optional[torch.Tensor]:
-    """``decay`` is None (no decay), a number ``s >= 0`` shared by every head, or a ``[H]`` tensor of rates
-    ``s_h >= 0`` (``lambda_h = exp(-s_h)``) on q's device or the CPU. Returns a tensor (or None) on ``q``'s
-    device."""
+def _decay_tensor(decay, H: int, q: torch.Tensor) -> Optional[torch.Tensor]:
+    """``decay`` checked by :func:`attnzoo.ops.validate.check_decay`, as a ``[H]`` tensor on q's device (a
+    number is shared by every head; a tensor given on the host is moved)."""
+    decay = V.check_decay(decay, H)
     if decay is None:
         return None
-    if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-        if not (math.isfinite(decay) and decay >= 0):
-            raise InputError(f"decay: rates must be finite and >= 0 (lambda = exp(-s) <= 1), got {decay!r}")
-        return torch.full((H,), float(decay), device=q.device, dtype=state_dtype(q.dtype))
     if not isinstance(decay, torch.Tensor):
-        raise InputError(f"decay: expected None, a float or a [H] tensor of rates, got {type(decay).__name__}")
-    if decay.dim() != 1 or decay.shape[0] != H:
-        raise InputError(f"decay: expected shape ({H},) (one rate per head), got {V.shape_str(decay)}")
-    if not decay.dtype.is_floating_point:
-        raise InputError(f"decay: expected a floating-point tensor, got dtype {decay.dtype}")
+        return torch.full((H,), float(decay), device=q.device, dtype=state_dtype(q.dtype))
     if decay.device != q.device:
         if decay.device.type != "cpu":
             raise InputError(f"decay: is on {decay.device} but q is on {q.device}")
-        decay = decay.to(q.device)  # a [H] tensor of rates given on the host is fine
-    # a host sync; skipped while torch.compile traces (it would be a data-dependent branch)
-    if not _compiling():
-        bad = ~(torch.isfinite(decay) & (decay >= 0))
-        if bool(bad.any()):
-            raise InputError(
-                f"decay: rates must be finite and >= 0 (lambda = exp(-s) <= 1), got {decay.detach().cpu().tolist()}"
-            )
+        decay = decay.to(q.device)
     return decay
 
 
@@ -70,7 +44,7 @@ def _check_heads_scale_decay(q, k, v, scale, decay):
         raise InputError(f"v: shape {V.shape_str(v)} must match q {V.shape_str(q)} in every dim but the last")
     V.check_head_dim("q", q.shape[-1])
     V.check_head_dim("v", v.shape[-1])
-    return check_scale(scale), check_decay(decay, q.shape[2], q)
+    return V.check_scale(scale, optional=False), _decay_tensor(decay, q.shape[2], q)
 
 
 def validate_lightning(q, k, v, *, decay, scale, initial_state, output_final_state, cu_seqlens):
