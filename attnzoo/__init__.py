@@ -25,7 +25,7 @@ from attnzoo.modules.lightning import LightningAttention, LightningCache
 from attnzoo.modules.moh import MoHAttention
 from attnzoo.modules.rope import RotaryEmbedding
 from attnzoo import convert
-from attnzoo.cli import info
+from attnzoo.environment import info
 
 __all__ = [
     "attention", "attention_with_kvcache", "lightning_attention", "lightning_decode", "moh_attention",

@@ -1,19 +1,25 @@
-"""``attnzoo info | check | bench``.
+"""attnzoo's command line: efficient attention variants, checked against their reference.
 
-- ``info``: versions, devices, and for each op which backends can run here and why not.
-- ``check``: every backend that can run here, of every op, against the reference (outputs and
-  gradients, SPEC §0's rule); prints a table, exits non-zero on any failure. Without a GPU the Triton
-  kernels run through the interpreter.
-- ``bench``: the benchmark suites (see ``benchmarks/``), on a GPU.
+commands:
+  info    versions, devices, and for each op which backends can run here and why not
+  check   every backend that can run here, of every op, against the PyTorch reference (outputs and
+          gradients, SPEC section 0's accuracy rule); a table; exits non-zero on any failure. Without a
+          GPU the Triton kernels run through the CPU interpreter.
+  bench   the benchmark suites of a checkout of the attnzoo repository (benchmarks/ is not installed);
+          `attnzoo bench --help` lists them, `attnzoo bench --dry-run` shows what a run would do.
+
+Run `attnzoo COMMAND --help` for a command's options.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+from attnzoo.environment import info
 
 
 def _enable_interpreter_without_gpu() -> None:
@@ -22,53 +28,6 @@ def _enable_interpreter_without_gpu() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def info(print_it: bool = True) -> str:
-    """Versions, devices, and for each op which backends can run here and why not (``attnzoo info``)."""
-    import torch
-
-    import attnzoo
-    from attnzoo import backends
-    from attnzoo.check import _dispatch_kwargs, all_cases
-
-    try:
-        import triton
-
-        triton_v = triton.__version__
-    except ImportError:
-        triton_v = "not installed"
-    lines = [
-        f"attnzoo  {attnzoo.__version__}",
-        f"python   {platform.python_version()}",
-        f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"triton   {triton_v}" + (" (CPU interpreter on)" if backends.triton_interpreter_on() else ""),
-    ]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            lines.append(f"gpu {i}    {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
-    else:
-        lines.append("gpu      none (CPU only)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    lines += ["", f"backends on {device} (for a small sample input of each op):"]
-    seen = set()
-    for case in all_cases():
-        if case.op in seen:
-            continue
-        seen.add(case.op)
-        inputs = {}
-        for k, v in case.make(torch.Generator().manual_seed(0)).items():
-            if isinstance(v, torch.Tensor):
-                v = v.to(device, dtype) if v.is_floating_point() else v.to(device)
-            inputs[k] = v
-        for b, rs in backends.why_not(case.op, **_dispatch_kwargs(case, inputs)).items():
-            lines.append(f"  {case.op:<24} {b:<10} " + ("yes" if not rs else "no:  " + "; ".join(rs)))
-    text = "\n".join(lines)
-    if print_it:
-        print(text)
-    return text
 
 
 def cmd_info(args) -> int:
@@ -94,7 +53,27 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def benchmarks_root() -> Optional[Path]:
+    """The checkout holding ``benchmarks/`` (which is not installed with the package): ``ATTNZOO_REPO``, else
+    the current directory, else the checkout this attnzoo was installed from (an editable install)."""
+    import attnzoo
+
+    candidates = [os.environ.get("ATTNZOO_REPO"), os.getcwd(), str(Path(attnzoo.__file__).resolve().parents[1])]
+    for c in candidates:
+        if c and (Path(c) / "benchmarks" / "runner.py").is_file():
+            return Path(c)
+    return None
+
+
 def cmd_bench(argv: List[str]) -> int:
+    root = benchmarks_root()
+    if root is None:
+        print("attnzoo bench: the benchmark suites live in a checkout of the attnzoo repository (benchmarks/ is "
+              "not installed with the package); run this inside the checkout or set ATTNZOO_REPO to it.",
+              file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     from benchmarks.runner import main as bench_main
 
     return bench_main(argv)
@@ -104,8 +83,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
-    parser = argparse.ArgumentParser(prog="attnzoo", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(
+        prog="attnzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,check,bench}")
     sub.add_parser("info", help="versions, devices, which backends can run here and why not")
     pc = sub.add_parser("check", help="every available backend against the reference")
     pc.add_argument("--dtype", action="append", choices=["float16", "bfloat16", "float32"], help="repeatable")

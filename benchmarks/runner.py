@@ -397,7 +397,9 @@ def provider_table(providers, device) -> List[Dict[str, Any]]:
     return rows
 
 
-def dry_run(plans, level: str, dtype_name: str, stream=None) -> None:
+def dry_run(plans, level: str, dtype_name: str, stream=None, list_cases: bool = False) -> None:
+    """What a run would do: providers and, per suite, its case count and first/last case (every case with
+    ``list_cases``)."""
     import torch
 
     stream = stream or sys.stdout
@@ -424,7 +426,10 @@ def dry_run(plans, level: str, dtype_name: str, stream=None) -> None:
         w(f"  providers importable: {', '.join(usable) or '-'}\n")
         if missing:
             w(f"  providers not importable: {', '.join(missing)}\n")
-        for c in cases:
+        shown = cases if list_cases or len(cases) <= 3 else [cases[0], cases[-1]]
+        for i, c in enumerate(shown):
+            if i == 1 and shown is not cases:
+                w(f"    ... {len(cases) - 2} more (--list shows every case)\n")
             w(f"    {c.describe()}\n")
 
 
@@ -444,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="a small sweep per suite (target: under 5 minutes on an H100)")
     ap.add_argument("--out", type=Path, default=DEFAULT_RESULTS,
                     help="results root; files go to OUT/<gpu>/ (default: benchmarks/results)")
-    ap.add_argument("--dry-run", action="store_true", help="list the suites, shapes and importable providers; run nothing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="summarise the suites, shapes and importable providers; run nothing")
+    ap.add_argument("--list", dest="list_cases", action="store_true", help="with --dry-run: every case, not a summary")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
     ap.add_argument("--providers", action="extend", nargs="+", metavar="NAME", help="only these providers")
     ap.add_argument("--report", type=Path, default=None,
@@ -506,7 +513,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     plans = plan(names, level, args.providers)
     if args.dry_run:
-        dry_run(plans, level, dtype_name)
+        dry_run(plans, level, dtype_name, list_cases=args.list_cases)
         return 0
 
     import torch

@@ -678,9 +678,13 @@ def test_dry_run_lists_suites_shapes_and_providers(tmp_path, capsys):
 
 
 def test_dry_run_single_suite_full(capsys):
-    assert runner.main(["--dry-run", "--suite", "moh"]) == 0
+    assert runner.main(["--dry-run", "--suite", "moh"]) == 0  # a summary: count, first and last case
     out = capsys.readouterr().out
-    assert f"suite moh: {len(S.get('moh').cases('full'))} cases" in out and "suite attention" not in out
+    n = len(S.get('moh').cases('full'))
+    assert f"suite moh: {n} cases" in out and f"... {n - 2} more (--list shows every case)" in out
+    assert runner.main(["--dry-run", "--list", "--suite", "moh"]) == 0  # every case
+    out = capsys.readouterr().out
+    assert f"suite moh: {n} cases" in out and "suite attention" not in out and "more (--list" not in out
     assert "attnzoo-dense-core" in out and "kind=layer" in out and "kind=decode" in out
 
 

@@ -46,3 +46,21 @@ def test_info_is_public():
     text = attnzoo.info(print_it=False)
     assert text.startswith("attnzoo ") and "backends on" in text
     assert all(hasattr(attnzoo, name) for name in attnzoo.__all__)
+
+
+def test_help_names_every_command_in_plain_text():
+    r = subprocess.run([sys.executable, "-m", "attnzoo.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for cmd in ("info", "check", "bench"):
+        assert any(line.strip().startswith(cmd + " ") for line in r.stdout.splitlines()), (cmd, r.stdout)
+
+
+def test_bench_runs_the_suites_of_the_checkout(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # not the checkout: found through the installed package's location
+    assert cli.main(["bench", "--dry-run", "--suite", "decode"]) == 0
+    assert "suite decode:" in capsys.readouterr().out
+
+
+def test_info_says_auto_never_picks_the_interpreter(capsys):
+    assert cli.main(["info"]) == 0
+    assert "never a Triton kernel running through the CPU" in capsys.readouterr().out
