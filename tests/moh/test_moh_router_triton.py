@@ -24,12 +24,8 @@ from attnzoo import backends  # noqa: E402
 from attnzoo.errors import BackendUnavailableError, InputError  # noqa: E402
 from attnzoo.ops.moh.packing import pack_active_rows  # noqa: E402
 from attnzoo.ops.moh.router import learned_router, load_balance_loss  # noqa: E402
-from attnzoo.ops.moh.router_api import (  # noqa: E402
-    moh_pack_rows,
-    moh_router,
-    moh_router_reference,
-    router_logits,
-)
+from attnzoo.ops.moh.packing_api import moh_pack_rows  # noqa: E402
+from attnzoo.ops.moh.router_api import moh_router, moh_router_reference, router_logits  # noqa: E402
 
 from accuracy import assert_close_by_rule  # noqa: E402
 
@@ -221,6 +217,7 @@ def test_router_then_packing():
 
 
 def test_custom_ops_opcheck():
+    from attnzoo.ops.moh import triton_packing as TP
     from attnzoo.ops.moh import triton_router as TR
 
     gen = torch.Generator().manual_seed(0)
@@ -235,7 +232,7 @@ def test_custom_ops_opcheck():
     dg, dp = torch.randn(2, 5, 7, device=DEV), torch.randn(2, 5, 5, device=DEV)
     torch.library.opcheck(TR.moh_router_bwd, (dg, dp, lr.detach(), ls.detach(), lm.detach(), 2, True),
                           test_utils=quick[:2])
-    torch.library.opcheck(TR.moh_pack_rows, ((z > 0).float(), 16, 1))
+    torch.library.opcheck(TP.moh_pack_rows, ((z > 0).float(), 16, 1))
 
 
 def test_dispatch_and_validation():

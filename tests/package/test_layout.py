@@ -1,6 +1,7 @@
 """The package's shape (issue 11): what installs, what ``import attnzoo`` pulls in, no import circles."""
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,8 +24,11 @@ def test_import_attnzoo_imports_neither_the_cli_nor_the_benchmarks():
 
 
 def test_the_wheel_installs_only_attnzoo(tmp_path):
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".whl",
+                                                             ".hypothesis", ".pytest_cache", "results"))
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         capture_output=True, text=True, timeout=300,
     )
     if r.returncode != 0 and "No module named" in r.stderr:

@@ -1,5 +1,5 @@
-"""``moh_router`` and ``moh_pack_rows``: the MoH learned router on precomputed logits, and the packing of
-the active ``(token, head)`` rows for the head-sparse kernels (SPEC §3), each with ``backend="auto"``.
+"""``moh_router``: the MoH learned router on precomputed logits (SPEC §3), with ``backend="auto"``. The
+packing of the active rows is ``packing_api.moh_pack_rows``.
 
 The router's matmuls stay in torch (cuBLAS): :func:`router_logits` computes them exactly as
 :func:`attnzoo.ops.moh.router.learned_router` does; :func:`moh_router` does the rest (softmaxes, top-k,
@@ -18,7 +18,6 @@ import torch
 from attnzoo import backends
 from attnzoo.errors import InputError
 from attnzoo.ops import validate as V
-from attnzoo.ops.moh.packing import PackedRows, pack_active_rows
 from attnzoo.ops.moh.router import NORMALIZE, RouterOutput, router_gates, router_logits  # noqa: F401
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,47 +121,3 @@ def moh_router(
         "moh_router", backend, logits_routed=logits_routed, logits_shared=logits_shared, logits_mix=logits_mix,
         top_k=top_k, normalize=normalize, gates_dtype=gates_dtype,
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Packing
-
-
-def _pack_reference(gates: torch.Tensor, block_m: int, num_shared: int = 0) -> PackedRows:
-    if num_shared:
-        gates = gates.clone()
-        gates[..., :num_shared] = 1  # shared heads are always active
-    return pack_active_rows(gates, block_m)
-
-
-@backends.register("moh_pack_rows", "reference", priority=0)
-def _pack_reference_backend(gates, block_m, num_shared=0):
-    return _pack_reference(gates, block_m, num_shared)
-
-
-def supports_pack_triton(gates, **_) -> List[str]:
-    reasons = list(backends.triton_device_reasons(gates.device))
-    if gates.dtype not in KERNEL_DTYPES + (torch.float64,):
-        reasons.append(f"gates dtype {gates.dtype} is not supported by the Triton packing kernel")
-    return reasons
-
-
-@backends.register("moh_pack_rows", "triton", priority=10, supports=supports_pack_triton)
-def _pack_triton_backend(gates, block_m, num_shared=0):
-    from attnzoo.ops.moh import triton_router
-
-    return triton_router.pack_active_rows_triton(gates, block_m, num_shared)
-
-
-def moh_pack_rows(gates: torch.Tensor, block_m: int, num_shared: int = 0, *, backend: str = "auto") -> PackedRows:
-    """Per ``(b, h)`` the sorted positions of its active tokens and the flattened tile schedule
-    (:class:`attnzoo.ops.moh.packing.PackedRows`, see :mod:`attnzoo.ops.moh.packing`) from ``gates [B, T, H]``
-    (0 = inactive). The first ``num_shared`` heads count as active on every token (``rows = arange(T)``,
-    ``counts = T``) whatever their gate. No host sync."""
-    V.check_tensor("gates", gates, ranks=(3,))
-    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1:
-        raise InputError(f"block_m: expected a positive int, got {block_m!r}")
-    H = gates.shape[-1]
-    if isinstance(num_shared, bool) or not isinstance(num_shared, int) or not 0 <= num_shared <= H:
-        raise InputError(f"num_shared: expected an int in [0, H={H}], got {num_shared!r}")
-    return backends.dispatch("moh_pack_rows", backend, gates=gates, block_m=block_m, num_shared=num_shared)

@@ -1,6 +1,6 @@
 """Head-sparse MoH attention kernels (SPEC §3): attention only for the active ``(token, head)`` pairs.
 
-Packing (:func:`attnzoo.ops.moh.triton_router.pack_active_rows_triton`, same layout as
+Packing (:func:`attnzoo.ops.moh.triton_packing.pack_active_rows_triton`, same layout as
 :mod:`attnzoo.ops.moh.packing`): per ``(b, h)`` the positions of its active tokens, ascending,
 and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
 
@@ -40,7 +40,7 @@ import triton.language as tl
 from attnzoo.ops.attention import triton_fwd as CF
 from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
 from attnzoo.ops.attention.triton_fwd import _fwd_inner, _visible
-from attnzoo.ops.moh.triton_router import pack_active_rows_triton
+from attnzoo.ops.moh.triton_packing import pack_active_rows_triton
 
 _NO_SPEC = ["H", "G", "Tq", "Tk", "D", "DV", "win_left", "win_right", "BH", "T_rows"]
 
