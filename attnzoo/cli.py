@@ -5,6 +5,7 @@ commands:
   check   every backend that can run here, of every op, against the PyTorch reference (outputs and
           gradients, SPEC section 0's accuracy rule); a table; exits non-zero on any failure. Without a
           GPU the Triton kernels run through the CPU interpreter.
+  study   small training studies of the variants on CPU (`attnzoo study --help`; `--quick` for a smoke run)
   bench   the benchmark suites of a checkout of the attnzoo repository (benchmarks/ is not installed);
           `attnzoo bench --help` lists them, `attnzoo bench --dry-run` shows what a run would do.
 
@@ -83,15 +84,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "study":
+        from attnzoo.studies import main as study_main
+
+        return study_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="attnzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,check,bench}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,check,study,bench}")
     sub.add_parser("info", help="versions, devices, which backends can run here and why not")
     pc = sub.add_parser("check", help="every available backend against the reference")
     pc.add_argument("--dtype", action="append", choices=["float16", "bfloat16", "float32"], help="repeatable")
     pc.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     pc.add_argument("--no-progress", action="store_true")
+    sub.add_parser("study", help="training studies (attnzoo study --help)")
     sub.add_parser("bench", help="benchmark suites (attnzoo bench --help)")
     args = parser.parse_args(argv)
     return {"info": cmd_info, "check": cmd_check}[args.cmd](args)
