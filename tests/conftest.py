@@ -1,4 +1,6 @@
-"""Test set-up: without a GPU, run Triton kernels through the CPU interpreter.
+"""Test set-up, in one place: without a GPU, run Triton kernels through the CPU interpreter; fill every
+fresh kernel output with NaN (``ATTNZOO_FILL_NAN=1``, read by ``attnzoo.ops.triton_common.new_output``) so
+an element a kernel forgets to write shows up.
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, so this runs before attnzoo (or any
 kernel module) is imported. On a GPU machine the same tests run the kernels natively.
@@ -10,6 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["ATTNZOO_FILL_NAN"] = "1"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

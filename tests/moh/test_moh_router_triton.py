@@ -8,13 +8,7 @@ Fresh output buffers are NaN-filled, so unwritten elements fail. Top-k ties: the
 (``router.topk_mask``).
 """
 
-import os
-
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["ATTNZOO_FILL_NAN"] = "1"
 
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
