@@ -57,3 +57,16 @@ def test_readme_examples_run():
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["y"].shape == (2, 128, 512)
     assert scope["o"].shape == (2, 64, 8, 64) and scope["lse"].shape == (2, 8, 64)
+
+
+def test_relative_links_of_the_readme_and_docs_resolve():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert (ROOT / "docs" / "spec.md").is_file() and (ROOT / "docs" / "design.md").is_file()
+    assert (ROOT / "LICENSE").is_file()
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: link to {target} does not resolve"
