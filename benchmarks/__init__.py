@@ -4,7 +4,7 @@ in the same run.
 - ``attnzoo bench [--suite NAME ...] [--quick] [--out DIR] [--dry-run]`` or ``python -m benchmarks``
   (:func:`benchmarks.runner.main`);
 - suites in :mod:`benchmarks.suites` (attention, decode, lightning, moh, sparse, knocking);
-- providers (attnzoo's backends and the peers, each used when importable) in :mod:`benchmarks.providers`;
+- providers (attnzoo's backends and the peers, each used when importable): each suite owns its own, on the shared protocol and helpers of :mod:`benchmarks.providers`;
 - FLOP / byte formulas in :mod:`benchmarks.flops`;
 - results under ``benchmarks/results/<gpu>/``, plots and ``benchmarks/RESULTS.md`` from
   :mod:`benchmarks.report`.

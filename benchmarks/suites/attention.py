@@ -10,6 +10,19 @@ from __future__ import annotations
 from typing import List
 
 from benchmarks import flops as F
+from benchmarks.providers import (
+    Built,
+    Provider,
+    SDPA_BACKENDS,
+    attnzoo_providers,
+    bhtd,
+    compiled_flex,
+    first_output,
+    flex_block_mask,
+    is_gqa,
+    sdpa_context,
+    xformers_layout,
+)
 from benchmarks.suites.base import Case, Suite, fmt_tokens, gold_attention, randn, seed_of
 
 TOKENS = 16384
@@ -58,8 +71,6 @@ class AttentionSuite(Suite):
         return out
 
     def providers(self):
-        from benchmarks.providers import attention_providers
-
         return attention_providers()
 
     def make_inputs(self, case: Case, device, dtype):
@@ -80,3 +91,63 @@ class AttentionSuite(Suite):
 
 
 SUITE = AttentionSuite()
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention suite (also the sparse suite's block masks): q, k, v [B, T, H|Hkv, D]
+
+
+def attention_providers() -> List[Provider]:
+    def az(b):
+        def build(case, x):
+            import attnzoo
+
+            causal = case.params["causal"]
+            return Built(lambda: attnzoo.attention(x["q"], x["k"], x["v"], causal=causal, backend=b))
+        return build
+
+    provs = attnzoo_providers(("attention",), az)
+
+    for name, backend in SDPA_BACKENDS:
+        def build(case, x, backend=backend):
+            import torch.nn.functional as F
+
+            q, k, v = bhtd(x["q"]), bhtd(x["k"]), bhtd(x["v"])
+            causal, gqa = case.params["causal"], is_gqa(case)
+            kw = {"enable_gqa": True} if gqa else {}
+            return Built(lambda: bhtd(F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)),
+                         context=sdpa_context(backend))
+        provs.append(Provider(name, "peer", "torch", build))
+
+    def flex(case, x):
+        q, k, v = bhtd(x["q"]), bhtd(x["k"]), bhtd(x["v"])
+        fa = compiled_flex()
+        bm = None
+        if case.params["causal"]:
+            off = k.shape[2] - q.shape[2]
+            bm = flex_block_mask(lambda b, h, qi, ki: ki <= qi + off, None, None, q.shape[2], k.shape[2], q.device)
+        kw = {"enable_gqa": True} if is_gqa(case) else {}
+        return Built(lambda: bhtd(fa(q, k, v, block_mask=bm, **kw)))
+    provs.append(Provider("flex", "peer", "torch", flex, note="torch.compile(flex_attention)"))
+
+    def xf(case, x):
+        import xformers.ops as xops
+
+        q, k, v = xformers_layout(x["q"], x["k"], x["v"])
+        bias = xops.LowerTriangularFromBottomRightMask() if case.params["causal"] else None
+        shape = x["q"].shape
+        return Built(lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias).reshape(*shape[:3], -1))
+    provs.append(Provider("xformers", "peer", "xformers", xf))
+
+    def fa2(case, x):
+        from flash_attn import flash_attn_func
+
+        return Built(lambda: flash_attn_func(x["q"], x["k"], x["v"], causal=case.params["causal"]))
+    provs.append(Provider("flash-attn", "peer", "flash-attn", fa2))
+
+    def fa3(case, x):
+        from flash_attn_interface import flash_attn_func
+
+        return Built(lambda: first_output(flash_attn_func(x["q"], x["k"], x["v"], causal=case.params["causal"])))
+    provs.append(Provider("flash-attn-3", "peer", "flash-attn-3", fa3))
+    return provs

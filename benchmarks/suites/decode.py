@@ -13,6 +13,19 @@ from typing import List
 import math
 
 from benchmarks import flops as F
+from benchmarks.providers import (
+    Built,
+    Provider,
+    SDPA_BACKENDS,
+    attnzoo_providers,
+    bhtd,
+    compiled_flex,
+    first_output,
+    flex_block_mask,
+    is_gqa,
+    sdpa_context,
+    xformers_layout,
+)
 from benchmarks.suites.base import Case, Suite, fmt_tokens, randn, seed_of
 
 PAGE = 256  # flash-attn's paged KV needs a multiple of 256
@@ -56,8 +69,6 @@ class DecodeSuite(Suite):
         return out
 
     def providers(self):
-        from benchmarks.providers import decode_providers
-
         return decode_providers()
 
     def make_inputs(self, case: Case, device, dtype):
@@ -106,3 +117,74 @@ class DecodeSuite(Suite):
 
 
 SUITE = DecodeSuite()
+
+
+# ----------------------------------------------------------------------------------------------------
+# decode suite: q [B, Tn, H, D]; k_cache/v_cache contiguous [B, Tk, Hkv, D] or paged
+# [num_pages, page, Hkv, D] with block_table [B, pages]; cache_seqlens [B] (all full: Tk)
+
+
+def decode_providers() -> List[Provider]:
+    def contiguous_only(case):
+        return "paged KV cache not supported by this provider" if case.params["paged"] else None
+
+    def az(b):
+        def build(case, x):
+            import attnzoo
+
+            return Built(lambda: attnzoo.attention_with_kvcache(
+                x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], block_table=x.get("block_table"),
+                causal=True, backend=b))
+        return build
+
+    provs = attnzoo_providers(("attention_with_kvcache",), az)
+
+    def fa2(case, x):
+        from flash_attn import flash_attn_with_kvcache
+
+        return Built(lambda: flash_attn_with_kvcache(
+            x["q"], x["k_cache"], x["v_cache"], cache_seqlens=x["cache_seqlens"], block_table=x.get("block_table"),
+            causal=True))
+    provs.append(Provider("flash-attn", "peer", "flash-attn", fa2))
+
+    def fa3(case, x):
+        from flash_attn_interface import flash_attn_with_kvcache
+
+        return Built(lambda: first_output(flash_attn_with_kvcache(
+            x["q"], x["k_cache"], x["v_cache"], cache_seqlens=x["cache_seqlens"], page_table=x.get("block_table"),
+            causal=True)))
+    provs.append(Provider("flash-attn-3", "peer", "flash-attn-3", fa3))
+
+    for name, backend in SDPA_BACKENDS:
+        def build(case, x, backend=backend):
+            import torch.nn.functional as F
+            from torch.nn.attention.bias import causal_lower_right
+
+            q, k, v = bhtd(x["q"]), bhtd(x["k_cache"]), bhtd(x["v_cache"])
+            Tn, Tk = q.shape[2], k.shape[2]
+            mask = causal_lower_right(Tn, Tk) if Tn > 1 else None
+            kw = {"enable_gqa": True} if is_gqa(case) else {}
+            return Built(lambda: bhtd(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)),
+                         context=sdpa_context(backend))
+        provs.append(Provider(name, "peer", "torch", build, supports=contiguous_only))
+
+    def flex(case, x):
+        q, k, v = bhtd(x["q"]), bhtd(x["k_cache"]), bhtd(x["v_cache"])
+        fa = compiled_flex()
+        Tn, Tk = q.shape[2], k.shape[2]
+        off = Tk - Tn
+        bm = flex_block_mask(lambda b, h, qi, ki: ki <= qi + off, None, None, Tn, Tk, q.device) if Tn > 1 else None
+        kw = {"enable_gqa": True} if is_gqa(case) else {}
+        return Built(lambda: bhtd(fa(q, k, v, block_mask=bm, **kw)))
+    provs.append(Provider("flex", "peer", "torch", flex, supports=contiguous_only,
+                          note="compiled flex_attention; short queries take its decode kernel"))
+
+    def xf(case, x):
+        import xformers.ops as xops
+
+        q, k, v = xformers_layout(x["q"], x["k_cache"], x["v_cache"])
+        bias = xops.LowerTriangularFromBottomRightMask() if x["q"].shape[1] > 1 else None
+        shape = x["q"].shape
+        return Built(lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias).reshape(*shape[:3], -1))
+    provs.append(Provider("xformers", "peer", "xformers", xf, supports=contiguous_only))
+    return provs

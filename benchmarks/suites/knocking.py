@@ -10,9 +10,15 @@ the base layer's FLOPs (useful work) for every form, so a KHA form's lower figur
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from benchmarks import flops as F
+from benchmarks.providers import (
+    Built,
+    Provider,
+    first_output,
+    module_class,
+)
 from benchmarks.suites.base import Case, Suite, fmt_tokens, randn, seed_of
 
 TOKENS = 16384
@@ -50,8 +56,6 @@ class KnockingSuite(Suite):
         return out
 
     def providers(self):
-        from benchmarks.providers import knocking_providers
-
         return knocking_providers()
 
     def make_inputs(self, case: Case, device, dtype):
@@ -64,7 +68,6 @@ class KnockingSuite(Suite):
 
     def gold(self, case: Case, inputs, with_grads: bool):
         import torch
-        from benchmarks.providers import build_module
 
         mod = build_module(case, None, inputs["x"].device, torch.float32)
         mod.train(with_grads)
@@ -78,3 +81,57 @@ class KnockingSuite(Suite):
 
 
 SUITE = KnockingSuite()
+
+
+# ----------------------------------------------------------------------------------------------------
+# knocking suite: x [B, T, dim]; the module family (base vs each KHA form) is built per provider
+
+
+
+
+def build_module(case, knocking: Optional[str], device, dtype):
+    """The case's module with ``knocking`` (None = the base), carrying the base's weights: built in fp32
+    from a fixed seed, then cast. KHA at initialisation equals its base (SPEC §4), which is the check."""
+    import torch
+    import attnzoo
+
+    s = case.shape
+    kw = dict(dim=s["dim"], num_heads=s["H"], num_kv_heads=s["Hkv"], causal=True)
+    cls = module_class(case.params["base"])
+    torch.manual_seed(1234)
+    base = cls(**kw, device=device, dtype=torch.float32)
+    if knocking is None:
+        return base.to(dtype)
+    try:
+        mod = cls(**kw, knocking=knocking, device=device, dtype=torch.float32)
+    except TypeError:
+        kha = getattr(attnzoo, "KnockingHeadsAttention", None)
+        if kha is None:
+            raise NotImplementedError(f"{cls.__name__} takes no knocking= and attnzoo.KnockingHeadsAttention is missing")
+        mod = kha(**kw, knocking=knocking, device=device, dtype=torch.float32)
+    missing, unexpected = mod.load_state_dict(base.state_dict(), strict=False)
+    if unexpected:
+        raise RuntimeError(f"base weights do not fit the KHA module: unexpected {unexpected}")
+    return mod.to(dtype)
+
+
+def knocking_providers() -> List[Provider]:
+    provs = []
+    for form in (None, "linear", "mlp"):
+        def build(case, x, form=form):
+            mod = build_module(case, form, x["x"].device, x["x"].dtype)
+            mod.train(case.needs_grad)
+            return Built(lambda: first_output(mod(x["x"])), grad_to_none=list(mod.parameters()))
+        name = "base" if form is None else f"kha-{form}"
+        provs.append(Provider(name, "base" if form is None else "attnzoo", "attnzoo", build,
+                              needs_cuda=False,
+                              note="the unmodified module" if form is None else f"knocking='{form}' at init"))
+
+    def folded(case, x):
+        mod = build_module(case, "linear", x["x"].device, x["x"].dtype).fold()
+        mod.train(case.needs_grad)
+        return Built(lambda: first_output(mod(x["x"])), grad_to_none=list(mod.parameters()))
+
+    provs.append(Provider("kha-linear-folded", "attnzoo", "attnzoo", folded, needs_cuda=False,
+                          note="knocking='linear' after fold(): plain projections, no overhead"))
+    return provs

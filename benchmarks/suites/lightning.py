@@ -12,6 +12,17 @@ from __future__ import annotations
 from typing import List
 
 from benchmarks import flops as F
+from benchmarks.providers import (
+    Built,
+    Provider,
+    attnzoo_backends,
+    attnzoo_fn,
+    attnzoo_providers,
+    bhtd,
+    first_output,
+    fla_decay_kwargs,
+    ordered_union,
+)
 from benchmarks.suites.base import Case, Suite, fmt_tokens, randn, seed_of
 
 TOKENS = 131072
@@ -89,8 +100,6 @@ class LightningSuite(Suite):
         return out
 
     def providers(self):
-        from benchmarks.providers import lightning_providers
-
         return lightning_providers()
 
     def make_inputs(self, case: Case, device, dtype):
@@ -130,3 +139,99 @@ class LightningSuite(Suite):
 
 
 SUITE = LightningSuite()
+
+
+# ----------------------------------------------------------------------------------------------------
+# lightning suite: q, k, v [B, T, H, D]; decay s [H] fp32 (lambda = exp(-s)); scale 1.0.
+# mode "step": T = 1 with initial_state [B, H, D, Dv] fp32; outputs (o, new_state)
+
+
+def _lightning_fn(name: str):
+    try:
+        return attnzoo_fn(name)
+    except NotImplementedError:
+        try:
+            from attnzoo.ops.lightning import api
+        except Exception:  # noqa: BLE001
+            raise NotImplementedError(f"attnzoo.{name} does not exist yet") from None
+        if not hasattr(api, name):
+            raise NotImplementedError(f"attnzoo.{name} does not exist yet") from None
+        return getattr(api, name)
+
+
+def lightning_providers() -> List[Provider]:
+    chunk_backends = attnzoo_backends("lightning_attention")
+    step_backends = attnzoo_backends("lightning_decode")
+
+    def az(b):
+        def build(case, x):
+            if case.mode == "step":
+                # lightning_decode updates the state in place: give it its own copy; outputs (o, new state)
+                f = _lightning_fn("lightning_decode")
+                state = x["state"].clone()
+                return Built(lambda: (f(x["q"], x["k"], x["v"], state, decay=x["s"], scale=1.0, backend=b), state))
+            f = _lightning_fn("lightning_attention")
+            return Built(lambda: first_output(f(x["q"], x["k"], x["v"], decay=x["s"], scale=1.0, backend=b)))
+        return build
+
+    def supports(b):
+        def sup(case):
+            have = step_backends if case.mode == "step" else chunk_backends
+            if b not in have:
+                return f"attnzoo has no {b} backend for {'lightning_decode' if case.mode == 'step' else 'lightning_attention'}"
+            return None
+        return sup
+
+    provs = []
+    for b in ordered_union(chunk_backends, step_backends):
+        p = attnzoo_providers(("lightning_attention", "lightning_decode"), az, only=b, supports=supports(b))
+        provs += p
+
+    def az_unsegmented(case, x):
+        # the Triton kernels with every sequence walked by one program per state slice (no segments):
+        # against attnzoo-triton it shows what cutting long sequences into parallel segments buys
+        from attnzoo.ops.lightning import triton_backend as tb
+
+        f = _lightning_fn("lightning_attention")
+
+        def run():
+            tb.SEGMENTS = 1
+            try:
+                return first_output(f(x["q"], x["k"], x["v"], decay=x["s"], scale=1.0, backend="triton"))
+            finally:
+                tb.SEGMENTS = None
+        return Built(run)
+    if "triton" in chunk_backends:
+        provs.append(Provider("attnzoo-triton-unsegmented", "attnzoo", "attnzoo", az_unsegmented,
+                              applies=lambda c: c.mode != "step", note="segments=1"))
+
+    def fla_chunk(case, x):
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        kw = fla_decay_kwargs(chunk_simple_gla, x["s"], x["q"].shape)
+        return Built(lambda: first_output(chunk_simple_gla(x["q"], x["k"], x["v"], scale=1.0, **kw)))
+    provs.append(Provider("fla-chunk", "peer", "fla-core", fla_chunk,
+                          applies=lambda c: c.mode != "step",
+                          note="chunk_simple_gla(g_gamma=-s)"))
+
+    def fla_rec(case, x):
+        from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+        kw = fla_decay_kwargs(fused_recurrent_simple_gla, x["s"], x["q"].shape)
+        return Built(lambda: fused_recurrent_simple_gla(x["q"], x["k"], x["v"], scale=1.0, initial_state=x["state"],
+                                                        output_final_state=True, **kw))
+    provs.append(Provider("fla-recurrent", "peer", "fla-core", fla_rec,
+                          applies=lambda c: c.mode == "step",
+                          note="fused_recurrent_simple_gla(g_gamma=-s)"))
+
+    def la(case, x):
+        from lightning_attn.ops import lightning_attn_func
+
+        leaves = {n: bhtd(x[n]).detach().contiguous().requires_grad_(x[n].requires_grad) for n in ("q", "k", "v")}
+        s = x["s"].view(-1, 1, 1).float().contiguous()
+        return Built(lambda: bhtd(lightning_attn_func(leaves["q"], leaves["k"], leaves["v"], s)),
+                     leaves=leaves if case.needs_grad else {}, grad_to_canonical=lambda n, g: bhtd(g))
+    provs.append(Provider("lightning-attn", "peer", "lightning-attn", la,
+                          supports=lambda c: "lightning-attn has no decode-step op" if c.mode == "step" else None,
+                          note="lightning_attn_func (BHTD copies made outside the timing)"))
+    return provs

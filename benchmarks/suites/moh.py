@@ -32,9 +32,25 @@ Three kinds of case (``case.params["kind"]``), each its own groups:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import contextlib
+import functools
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from benchmarks import flops as F
+from benchmarks.providers import (
+    Built,
+    Provider,
+    SDPA_BACKENDS,
+    attnzoo_backends,
+    attnzoo_fn,
+    attnzoo_providers,
+    bhtd,
+    first_output,
+    module_class,
+    reference_memory_reason,
+    sdpa_context,
+)
 from benchmarks.suites.base import Case, Suite, fmt_tokens, gold_attention, randn, seed_of
 
 TOKENS = 16384
@@ -146,8 +162,6 @@ class MoHSuite(Suite):
         return out
 
     def providers(self):
-        from benchmarks.providers import moh_providers
-
         return moh_providers()
 
     # -- inputs ---------------------------------------------------------------------------------------
@@ -277,11 +291,9 @@ def layer_gold(case: Case, inputs, with_grads: bool):
 
     import torch
 
-    from benchmarks.providers import _reference_memory_reason, build_moh_layer, gold_core
-
     x0 = inputs["x"]
     # the gold of an input key is made with gradients when any case of that key needs them
-    if _reference_memory_reason(replace(case, mode="fwd+bwd" if with_grads else "fwd")) is None:
+    if reference_memory_reason(replace(case, mode="fwd+bwd" if with_grads else "fwd")) is None:
         mod = build_moh_layer(case, x0.device, torch.float32, backend="reference")
     else:
         mod = build_moh_layer(case, x0.device, torch.float32, core=gold_core)
@@ -315,3 +327,167 @@ def dense_core_ratios(records, provider: str = "attnzoo-triton",
 
 
 SUITE = MoHSuite()
+
+
+# ----------------------------------------------------------------------------------------------------
+# moh suite (benchmarks/suites/moh.py), by ``case.params["kind"]``:
+# - "core": q, k, v [B, T, H, D], gates [B, T, H] (0 = inactive head for that token);
+# - "decode": q [B, 1, H, D] against the cache k, v [B, Tk, Hkv, D], gates [B, 1, H] (causal: the new token
+#   sees the whole cache);
+# - "layer": x [B, T, dim] into a MoHAttention built per provider (build_moh_layer): attnzoo's module with a
+#   backend, or the same module and weights with a dense-then-mask core.
+
+DENSE_CORE = "attnzoo-dense-core"
+
+
+def _moh_kind(*kinds):
+    return lambda case: case.params.get("kind", "core") in kinds
+
+
+def sdpa_dense_then_mask(q, k, v, gates, *, causal: bool, scale=None, backend: Optional[str] = None):
+    """MoH the way the MoH paper's code does it: SDPA over every head (BTHD <-> BHTD views; ``enable_gqa``
+    when kv heads are shared), then the output times the gates. ``backend`` pins an SDPA backend for this
+    call; the providers instead pin it once around check and timing (``Built.context``), keeping
+    ``sdpa_kernel``'s host cost out of short (decode) timings."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    Tq, Tk = q.shape[1], k.shape[1]
+    if causal and Tq not in (1, Tk):
+        raise NotImplementedError(f"dense-then-mask SDPA: bottom-right causal with Tq={Tq} != Tk={Tk}")
+    # one query against the cache sees every key (bottom-right causal); SDPA's is_causal is top-left
+    is_causal = causal and Tq == Tk
+    kw = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+    with sdpa_kernel([getattr(SDPBackend, backend)]) if backend else contextlib.nullcontext():
+        o = F.scaled_dot_product_attention(bhtd(q), bhtd(k), bhtd(v), is_causal=is_causal, scale=scale, **kw)
+    return bhtd(o) * gates.unsqueeze(-1).to(o.dtype)
+
+
+def flash_attn_dense_then_mask(q, k, v, gates, *, causal: bool, scale=None):
+    """Dense-then-mask with flash-attn 2 (bottom-right causal, GQA native)."""
+    from flash_attn import flash_attn_func
+
+    o = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale)
+    return o * gates.unsqueeze(-1).to(o.dtype)
+
+
+def gold_core(q, k, v, gates, *, causal: bool, scale=None):
+    """fp32 MoH core with bounded memory, differentiable: :func:`gold_attention` one kv head at a time (the
+    backward recomputes it), times the gates with the reference's gradient contract (inactive gates get
+    none). For the layer group's gold where the reference backend would materialise too much."""
+    import torch
+
+    from benchmarks.suites.base import gold_attention
+
+    class _Gold(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            ctx.save_for_backward(q, k, v)
+            return gold_attention(q, k, v, causal=causal, scale=scale)[0]
+
+        @staticmethod
+        def backward(ctx, dout):
+            g = gold_attention(*ctx.saved_tensors, causal=causal, scale=scale, dout=dout)[1]
+            return g["q"], g["k"], g["v"]
+
+    o = _Gold.apply(q.float(), k.float(), v.float())
+    gates = torch.where(gates != 0, gates, gates.detach())
+    return o * gates.unsqueeze(-1).to(o.dtype)
+
+
+@functools.lru_cache(None)
+def _bench_moh_class():
+    base = module_class("moh")
+
+    class BenchMoHAttention(base):
+        """``MoHAttention`` whose attention core can be replaced (benchmarks only): with ``self.core`` set,
+        ``_attend`` routes as the library does and then calls ``core(q, k, v, gates, causal=, scale=)``."""
+
+        core = None
+
+        def _attend(self, x, q, k, v, key_padding_mask, extras, query_mask, q_raw):
+            if self.core is None:
+                return super()._attend(x, q, k, v, key_padding_mask, extras, query_mask, q_raw)
+            if key_padding_mask is not None or query_mask is not None or tuple(self.window) != (-1, -1):
+                raise NotImplementedError("a replaced MoH core takes no padding mask and no window")
+            gates = self.route(x, q_raw, query_mask)
+            self.last_gates = gates.detach()
+            return self.core(q, k, v, gates, causal=self.causal, scale=self.scale)
+
+    return BenchMoHAttention
+
+
+def build_moh_layer(case, device, dtype, *, backend: str = "auto", core: Optional[Callable] = None):
+    """The layer group's ``MoHAttention``: built in fp32 from a fixed seed (so every provider and the gold
+    share the weights), then cast. No biases, causal, ``num_shared_heads`` / ``top_k`` from the case. The
+    routed router weight is ``ROUTER_SCALE`` x a one-hot (routed head ``i`` reads input feature
+    ``num_shared + i``): with the suite's inputs, routing is deterministic and exact in every dtype.
+    ``core``: None (the library's ``moh_attention`` with ``backend``) or a replacement core
+    (:func:`sdpa_dense_then_mask`, :func:`flash_attn_dense_then_mask`, :func:`gold_core`)."""
+    import torch
+
+    s, p = case.shape, case.params
+    cls = _bench_moh_class()
+    torch.manual_seed(1234)
+    mod = cls(dim=s["dim"], num_heads=s["H"], num_kv_heads=s["Hkv"], head_dim=s["D"], causal=True, backend=backend,
+              num_shared_heads=p["num_shared_heads"], top_k=p["top_k"], router="learned", device=device,
+              dtype=torch.float32)
+    hs = mod.num_shared_heads
+    with torch.no_grad():
+        w = mod.router_routed
+        if w is not None:
+            w.zero_()
+            idx = torch.arange(w.shape[0], device=w.device)
+            w[idx, hs + idx] = ROUTER_SCALE
+    mod = mod.to(dtype)
+    mod.core = core
+    return mod
+
+
+def moh_providers() -> List[Provider]:
+    def run_layer(case, x, mod):
+        mod.train(case.needs_grad)
+        return Built(lambda: mod(x["x"]), grad_to_none=list(mod.parameters()))
+
+    def az(b):
+        def build(case, x):
+            if case.params.get("kind") == "layer":
+                return run_layer(case, x, build_moh_layer(case, x["x"].device, x["x"].dtype, backend=b))
+            f = attnzoo_fn("moh_attention")
+            causal = case.params["causal"]
+            return Built(lambda: first_output(f(x["q"], x["k"], x["v"], x["gates"], causal=causal, backend=b)))
+        return build
+
+    provs = attnzoo_providers(("moh_attention", "moh"), az)
+
+    def dense_core(case, x):
+        import attnzoo
+
+        causal = case.params["causal"]
+        return Built(lambda: attnzoo.attention(x["q"], x["k"], x["v"], causal=causal, backend="triton"))
+    provs.append(Provider(
+        DENSE_CORE, "base", "attnzoo", dense_core,
+        supports=lambda c: None if "triton" in attnzoo_backends("attention") else "attnzoo has no triton attention",
+        applies=lambda c: c.params.get("kind", "core") == "core" and bool(c.params.get("unit_gates")),
+        note="attnzoo.attention(backend='triton'), every head, no gates: the rho=1 denominator (rho=1 rows only)",
+    ))
+
+    def dense_then_mask(core, context=contextlib.nullcontext):
+        def build(case, x):
+            if case.params.get("kind") == "layer":
+                built = run_layer(case, x, build_moh_layer(case, x["x"].device, x["x"].dtype, core=core))
+            else:
+                causal = case.params["causal"]
+                built = Built(lambda: core(x["q"], x["k"], x["v"], x["gates"], causal=causal))
+            built.context = context
+            return built
+        return build
+
+    for name, backend in SDPA_BACKENDS[:2]:  # flash, cudnn: pinned around the check and the timing
+        provs.append(Provider(name.replace("sdpa-", "dense-mask-sdpa-"), "peer", "torch",
+                              dense_then_mask(sdpa_dense_then_mask, sdpa_context(backend)),
+                              note="MoH paper's code: every head computed (SDPA), then multiplied by its gate; "
+                                   "layer: the same module with that core"))
+    provs.append(Provider("dense-mask-flash-attn", "peer", "flash-attn", dense_then_mask(flash_attn_dense_then_mask),
+                          note="every head computed (flash_attn_func), then multiplied by its gate"))
+    return provs

@@ -18,6 +18,18 @@ from __future__ import annotations
 from typing import List
 
 from benchmarks import flops as F
+from benchmarks.providers import (
+    Built,
+    Provider,
+    attnzoo_fn,
+    attnzoo_providers,
+    bhtd,
+    compiled_flex,
+    first_output,
+    flex_block_mask_from_dense,
+    is_gqa,
+    sdpa_context,
+)
 from benchmarks.suites.base import Case, Suite, gold_attention, randn, seed_of
 
 TOKENS = 16384
@@ -121,8 +133,6 @@ class SparseSuite(Suite):
         return out
 
     def providers(self):
-        from benchmarks.providers import sparse_providers
-
         return sparse_providers()
 
     def make_inputs(self, case: Case, device, dtype):
@@ -163,3 +173,98 @@ class SparseSuite(Suite):
 
 
 SUITE = SparseSuite()
+
+
+# ----------------------------------------------------------------------------------------------------
+# sparse suite. kind "block": q, k, v + block_mask (attnzoo BlockMask) + block_bool [1, H, Mq, Nk];
+# kind "dma": q, k, v + dma_bias [B, Hkv, Tk] + kept [B, Hkv, T, T] bool (causal top-keep_window set)
+
+
+def sparse_providers() -> List[Provider]:
+    def kind(k):
+        return lambda case: case.params["kind"] == k
+
+    def az_block(b):
+        def build(case, x):
+            import attnzoo
+
+            return Built(lambda: attnzoo.attention(x["q"], x["k"], x["v"], block_mask=x["block_mask"], backend=b))
+        return build
+
+    def az_dma(b):
+        def build(case, x):
+            f = attnzoo_fn("dynamic_mask_attention")
+            w = case.params["keep_window"]
+            return Built(lambda: first_output(f(x["q"], x["k"], x["v"], x["dma_bias"], keep_window=w, causal=True, backend=b)))
+        return build
+
+    provs = attnzoo_providers(("attention",), az_block)
+    for p in provs:
+        p.applies = kind("block")
+    for p in attnzoo_providers(("dynamic_mask_attention",), az_dma):
+        p.name = p.name.replace("attnzoo-", "attnzoo-dma-")
+        p.applies = kind("dma")
+        provs.append(p)
+
+    def flex_block(case, x):
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        q, k, v = bhtd(x["q"]), bhtd(x["k"]), bhtd(x["v"])
+        bm = x["block_mask"]
+        blocks, (bq, bk) = x["block_bool"], bm.block_size
+        zero = bm.kv_num_blocks.new_zeros(bm.kv_num_blocks.shape)
+        # every listed block is full, so compiled flex never calls mask_mod; eager flex ignores the block
+        # lists and applies only mask_mod, hence one that reads the same block pattern
+        # (distinct index tensors: torch.compile mis-generates code when one buffer is passed twice)
+        fbm = FlexBlockMask.from_kv_blocks(zero, bm.full_kv_indices.clone(), bm.full_kv_num_blocks, bm.full_kv_indices,
+                                           BLOCK_SIZE=bm.block_size, seq_lengths=tuple(bm.seq_lengths),
+                                           mask_mod=lambda b, h, qi, ki: blocks[0, h, qi // bq, ki // bk])
+        fa = compiled_flex()
+        return Built(lambda: bhtd(fa(q, k, v, block_mask=fbm)))
+    provs.append(Provider("flex", "peer", "torch", flex_block, applies=kind("block"),
+                          note="compiled flex_attention with the same block mask"))
+
+    def sdpa_dense(case, x):
+        import torch.nn.functional as F
+
+        q, k, v = bhtd(x["q"]), bhtd(x["k"]), bhtd(x["v"])
+        if case.params["kind"] == "block":
+            bq, bk = x["block_mask"].block_size
+            Tq, Tk = q.shape[2], k.shape[2]
+            mask = x["block_bool"].repeat_interleave(bq, 2)[:, :, :Tq].repeat_interleave(bk, 3)[:, :, :, :Tk]
+        else:
+            rep = q.shape[1] // k.shape[1]
+            add = x["dma_bias"].unsqueeze(2).to(q.dtype).masked_fill(~x["kept"], float("-inf"))
+            mask = add.repeat_interleave(rep, 1)
+        kw = {"enable_gqa": True} if is_gqa(case) else {}
+        return Built(lambda: bhtd(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)),
+                     context=sdpa_context("EFFICIENT_ATTENTION"))
+    provs.append(Provider("sdpa-efficient-densemask", "peer", "torch", sdpa_dense,
+                          note="dense-then-mask: SDPA (efficient) with the element mask / bias materialised"))
+
+    def flex_dma(case, x):
+        q, k, v = bhtd(x["q"]), bhtd(x["k"]), bhtd(x["v"])
+        kept, bias = x["kept"], x["dma_bias"].float()
+        rep = q.shape[1] // k.shape[1]
+        bm = flex_block_mask_from_dense(kept, rep)
+        fa = compiled_flex()
+
+        def score_mod(score, b, h, qi, ki):
+            return score + bias[b, h // rep, ki]
+
+        kw = {"enable_gqa": True} if is_gqa(case) else {}
+        return Built(lambda: bhtd(fa(q, k, v, score_mod=score_mod, block_mask=bm, **kw)))
+    provs.append(Provider("flex-dma", "peer", "torch", flex_dma, applies=kind("dma"),
+                          note="compiled flex_attention: bias as score_mod, kept set as block mask"))
+
+    def dmattn(case, x):
+        from flash_dmattn import flash_dmattn_func
+
+        B, T = x["q"].shape[:2]
+        mask = x["kept"].to(x["q"].dtype)
+        bias = x["dma_bias"].unsqueeze(2).expand(-1, -1, T, -1).to(x["q"].dtype).contiguous()
+        return Built(lambda: first_output(flash_dmattn_func(x["q"], x["k"], x["v"], attn_mask=mask, attn_bias=bias,
+                                                       is_causal=True)))
+    provs.append(Provider("flash-dmattn", "peer", "flash-dmattn", dmattn, applies=kind("dma"),
+                          note="flash_dmattn_func with the kept mask and bias materialised [B, Hkv, T, T]"))
+    return provs

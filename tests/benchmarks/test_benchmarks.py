@@ -305,7 +305,7 @@ def _moh_layer_case(x=0.5, mode="fwd+bwd"):
 def test_moh_dense_then_mask_layer_matches_the_reference_module(rho):
     """The dense-then-mask baseline layer (SDPA flash core, benchmarks code) and the bounded-memory gold core
     compute the reference-backend module's function: outputs, input and weight gradients (fp32, CPU)."""
-    from benchmarks.providers import build_moh_layer, gold_core, sdpa_dense_then_mask
+    from benchmarks.suites.moh import build_moh_layer, gold_core, sdpa_dense_then_mask
 
     suite = S.get("moh")
     case = _moh_layer_case(rho)
@@ -333,7 +333,7 @@ def test_moh_dense_then_mask_layer_matches_the_reference_module(rho):
 
 
 def test_moh_layer_routing_is_the_same_in_every_precision():
-    from benchmarks.providers import build_moh_layer, sdpa_dense_then_mask
+    from benchmarks.suites.moh import build_moh_layer, sdpa_dense_then_mask
 
     suite = S.get("moh")
     case = _moh_layer_case(0.5, "fwd")
@@ -353,7 +353,7 @@ def test_moh_providers_and_the_check_on_cpu():
     forgets the gates, and the dense core on gated inputs, are caught as mismatches."""
     import dataclasses
 
-    from benchmarks.providers import DENSE_CORE, build_moh_layer, sdpa_dense_then_mask
+    from benchmarks.suites.moh import DENSE_CORE, build_moh_layer, sdpa_dense_then_mask
 
     suite = S.get("moh")
     cases = suite.cases("tiny")
