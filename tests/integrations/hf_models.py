@@ -18,7 +18,7 @@ def make_config(name: str, **overrides):
         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     if name == "llama":
-        cfg = tf.LlamaConfig(**common, **overrides)
+        cfg = tf.LlamaConfig(**{**common, **overrides})
     elif name == "mistral":  # a window shorter than the prompt, so it matters
         cfg = tf.MistralConfig(**{**common, "sliding_window": 5, **overrides})
     elif name == "qwen2":  # layer 0 full attention, layer 1 sliding
