@@ -9,8 +9,9 @@ then silently wrong. After ``register()``::
     model.set_attn_implementation("attnzoo")   # or switch an existing model
 
 and every softmax attention of the model runs through :func:`attnzoo.attention` (prefill, training,
-padding, sliding windows, GQA) or :func:`attnzoo.attention_with_kvcache` (decode steps with a
-``DynamicCache``). How the masks transformers hands over are read (transformers >= 5):
+padding, sliding windows, GQA, StaticCache steps) or :func:`attnzoo.attention_with_kvcache` (decode
+steps that come without a mask: a ``DynamicCache`` and no padding). How the masks transformers hands over
+are read (transformers >= 5):
 
 - a boolean 4-D mask ``[B, 1|H, Tq, Tk]`` (True = attend; built by the same mask function as "sdpa",
   so it already holds causality, padding, the sliding window, packed sequences and -- with a
@@ -39,7 +40,6 @@ from attnzoo.modules.lightning import LightningAttention
 from attnzoo.modules.mha import KnockingHeadsAttention, MultiHeadAttention
 from attnzoo.modules.moh import MoHAttention
 from attnzoo.ops.attention.api import attention, attention_with_kvcache
-from attnzoo.ops.attention.triton_backend import MAX_DECODE_QUERIES
 
 try:
     import transformers  # noqa: F401
@@ -75,8 +75,8 @@ def _attend(module, query, key, value, attention_mask, *, scaling, is_causal, sl
         # anyway so that it is never dropped: it keeps `sliding_window` keys, the diagonal included
         window = (sliding_window - 1, 0) if (is_causal and sliding_window) else (-1, -1)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if Tk > Tq and Tq <= MAX_DECODE_QUERIES and not grad:
-            # decode: Tq == 1 here (Tq > 1 with Tk > Tq was cropped above), so causal is moot
+        if Tq == 1 and Tk > 1 and not grad:
+            # a decode step (a causal Tq > 1 with Tk > Tq was cropped above); one query sees every key
             lens = torch.full((q.shape[0],), Tk, dtype=torch.int32, device=q.device)
             return attention_with_kvcache(q, k, v, lens, causal=True, scale=scaling, window=window, backend=backend)
         return attention(q, k, v, causal=causal, scale=scaling, window=window, backend=backend)
@@ -87,10 +87,9 @@ def _attend(module, query, key, value, attention_mask, *, scaling, is_causal, sl
             f"{type(attention_mask).__name__}{tuple(getattr(attention_mask, 'shape', ()))}; did the model "
             f"build its mask for another attn_implementation?"
         )
-    mask = attention_mask[..., :Tk]  # a mask made for a longer cache than these keys: its head covers them
-    if mask.dtype == torch.bool:
-        return attention(q, k, v, mask=mask, scale=scaling, backend=backend)
-    return attention(q, k, v, bias=mask.to(q.dtype), scale=scaling, backend=backend)
+    if attention_mask.dtype == torch.bool:
+        return attention(q, k, v, mask=attention_mask, scale=scaling, backend=backend)
+    return attention(q, k, v, bias=attention_mask, scale=scaling, backend=backend)  # an additive float mask
 
 
 def make_attention_forward(backend: str = "auto"):
