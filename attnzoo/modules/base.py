@@ -115,7 +115,8 @@ class SoftmaxAttentionBase(nn.Module):
     """Projections, knocking, QK-norm, RoPE, KV cache and the output projection shared by the softmax
     variants. ``kv_weights="wgqa"`` keeps one key and one value projection per *query* head and learns one
     scalar per head and kind (init ``Hkv/H``, i.e. mean pooling); kv head ``j`` is the weighted sum of its
-    group (SPEC §2). ``fold()`` turns WGQA and KHA-Linear into plain weights."""
+    group (SPEC §2). ``fold()`` turns WGQA and KHA-Linear into plain weights. ``qk_norm``: False, True or
+    ``"rms"`` (RMSNorm), ``"layer"`` (LayerNorm); ``out_bias=True`` puts a bias on ``o_proj`` (as timm's ViT)."""
 
     def __init__(
         self,

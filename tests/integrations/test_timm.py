@@ -152,3 +152,24 @@ def test_module_qk_norm_words_are_validated(bad):
         attnzoo.MultiHeadAttention(64, 4, qk_norm=bad)
     with pytest.raises(InputError, match="out_bias"):
         attnzoo.MoHAttention(64, 4, out_bias="yes")
+
+
+@pytest.mark.parametrize("qk_norm", [True, "rms", "layer"])
+def test_module_words_survive_surgery_and_generation(qk_norm):
+    """``out_bias`` and the qk-norm kind are constructor words: attnzoo.convert's rebuilds carry them, and a
+    cached causal module with them gives the full forward's output token by token."""
+    torch.manual_seed(0)
+    mha = attnzoo.MultiHeadAttention(64, 4, qk_norm=qk_norm, out_bias=True, rope=True)
+    want_norm = nn.LayerNorm if qk_norm == "layer" else nn.RMSNorm
+    assert isinstance(mha.q_norm, want_norm) and mha.o_proj.bias is not None
+    with torch.no_grad():
+        mha.o_proj.bias.normal_()
+        x = torch.randn(2, 9, 64)
+        full = mha(x)
+        moh = attnzoo.convert.mha_to_moh(mha, num_shared_heads=1, top_k=3)  # every head active
+        gqa = attnzoo.convert.mha_to_gqa(mha, num_kv_heads=4)
+        assert isinstance(moh.q_norm, want_norm) and torch.equal(moh.o_proj.bias, mha.o_proj.bias)
+        assert (moh(x) - full).abs().max() < 1e-5 and (gqa(x) - full).abs().max() < 1e-5
+        cache = mha.new_cache(2)
+        steps = torch.cat([mha(x[:, t : t + 1], cache=cache) for t in range(9)], 1)
+    assert (steps - full).abs().max() < 1e-5
