@@ -112,6 +112,10 @@ def test_register_puts_the_mask_function_beside_the_attention_function():
     assert azt.register() == "attnzoo"
     assert AttentionInterface._global_mapping["attnzoo"] is azt.attnzoo_attention_forward
     assert AttentionMaskInterface._global_mapping["attnzoo"] is azt.attnzoo_mask
+    from hf_models import make_config
+
+    model = transformers.AutoModelForCausalLM.from_config(make_config("qwen2"), attn_implementation="attnzoo")
+    assert model.config._attn_implementation == "attnzoo"
 
 
 def test_left_padded_batch_reaches_attnzoo_with_a_mask(monkeypatch):
