@@ -381,6 +381,8 @@ def convert(model, variant: str, *, layers=None, **options):
 
     Anything else raises an InputError naming the class. The converted model runs on attnzoo's default
     engine; an attention mask must be the boolean one of ``attn_implementation="attnzoo"`` (set here).
+    A padded batch or a StaticCache makes each converted layer read its mask on the host (to crop empty
+    cache slots and derive the key-padding mask): a graph break under ``torch.compile``.
     """
     if variant not in VARIANTS:
         raise InputError(f"variant: expected one of {VARIANTS}, got {variant!r}")

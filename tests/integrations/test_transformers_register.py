@@ -159,17 +159,23 @@ def test_static_cache_prefill_sees_only_filled_slots():
     assert (got - want).abs().max().item() < 1e-5
 
 
-def test_compiled_forward_matches_eager():
-    """Dynamo traces the model through attnzoo without a graph break (``fullgraph=True``); the "eager"
-    compiler backend keeps the test to seconds on a CPU (inductor's code generation is torch's business)."""
+def test_compiled_training_step_matches_eager():
+    """Dynamo traces a training step through attnzoo without a graph break (``fullgraph=True``, a left-padded
+    batch); the "aot_eager" compiler backend traces forward and backward yet keeps the test to seconds on a
+    CPU (inductor's code generation is torch's business)."""
     torch._dynamo.reset()
-    model = with_impl(make_model("llama"), "attnzoo")
+    model = with_impl(make_model("llama"), "attnzoo").train()
+    eager = copy.deepcopy(model)
     ids, mask = prompt(True)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-        got = torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, attention_mask=mask).logits
-    keep = mask.bool()
-    assert (got - want)[keep].abs().max().item() < 1e-5
+    labels = ids.masked_fill(~mask.bool(), -100)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
+    want = eager(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got.backward()
+    want.backward()
+    assert (got - want).abs().item() < 1e-5
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert (p.grad - q.grad).abs().max().item() < 1e-5, name
 
 
 def test_unsupported_features_raise():
