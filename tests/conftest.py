@@ -16,6 +16,11 @@ os.environ["ATTNZOO_FILL_NAN"] = "1"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from torchvision_cpu import declare_torchvision_ops_if_unloadable  # noqa: E402
+
+# timm and transformers import torchvision; PyPI's build of it cannot load into CPU torch (see the module)
+declare_torchvision_ops_if_unloadable()
+
 # Bounded profiles: the CPU suite must stay within minutes on 2 cores.
 settings.register_profile(
     "ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True

@@ -46,6 +46,21 @@ def resolve_heads(dim: int, num_heads: int, num_kv_heads: Optional[int], head_di
     return num_kv_heads, head_dim
 
 
+QK_NORMS = ("rms", "layer")
+
+
+def make_qk_norm(qk_norm, head_dim: int, **fk) -> Optional[nn.Module]:
+    """``qk_norm``: False/None (none), True or ``"rms"`` (RMSNorm), ``"layer"`` (LayerNorm with bias, timm's
+    ViT default); over each head's ``head_dim`` channels, eps 1e-6, shared by all heads."""
+    if qk_norm is None or qk_norm is False:
+        return None
+    if qk_norm is True or qk_norm == "rms":
+        return nn.RMSNorm(head_dim, eps=1e-6, **fk)
+    if qk_norm == "layer":
+        return nn.LayerNorm(head_dim, eps=1e-6, **fk)
+    raise InputError(f"qk_norm: expected False, True (= 'rms'), 'rms' or 'layer', got {qk_norm!r}")
+
+
 def make_rope(rope, head_dim: int) -> Optional[RotaryEmbedding]:
     """``rope``: None/False (none), True (base 10000), a number (the base) or a RotaryEmbedding."""
     if rope is None or rope is False:
@@ -121,7 +136,8 @@ class SoftmaxAttentionBase(nn.Module):
     """Projections, knocking, QK-norm, RoPE, KV cache and the output projection shared by the softmax
     variants. ``kv_weights="wgqa"`` keeps one key and one value projection per *query* head and learns one
     scalar per head and kind (init ``Hkv/H``, i.e. mean pooling); kv head ``j`` is the weighted sum of its
-    group (SPEC §2). ``fold()`` turns WGQA and KHA-Linear into plain weights."""
+    group (SPEC §2). ``fold()`` turns WGQA and KHA-Linear into plain weights. ``qk_norm``: False, True or
+    ``"rms"`` (RMSNorm), ``"layer"`` (LayerNorm); ``out_bias=True`` puts a bias on ``o_proj`` (as timm's ViT)."""
 
     def __init__(
         self,
@@ -131,13 +147,14 @@ class SoftmaxAttentionBase(nn.Module):
         head_dim: Optional[int] = None,
         causal: bool = True,
         qkv_bias: bool = False,
-        qk_norm: bool = False,
+        qk_norm=False,
         rope=None,
         knocking: Optional[str] = None,
         backend: str = "auto",
         device=None,
         dtype=None,
         *,
+        out_bias: bool = False,
         kv_weights: Optional[str] = None,
         knock_qk: bool = True,
         scale: Optional[float] = None,
@@ -147,6 +164,7 @@ class SoftmaxAttentionBase(nn.Module):
         num_kv_heads, head_dim = resolve_heads(dim, num_heads, num_kv_heads, head_dim)
         check_words(causal=causal, qkv_bias=qkv_bias, backend=backend, scale=scale, window=window)
         V.check_flag("knock_qk", knock_qk)
+        V.check_flag("out_bias", out_bias)
         if kv_weights not in (None, "wgqa"):
             raise InputError(f"kv_weights: expected None or 'wgqa', got {kv_weights!r}")
         fk = dict(device=device, dtype=dtype)
@@ -154,7 +172,7 @@ class SoftmaxAttentionBase(nn.Module):
         self.config = dict(
             dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal,
             qkv_bias=qkv_bias, qk_norm=qk_norm, rope=rope, knocking=knocking, backend=backend,
-            kv_weights=kv_weights, knock_qk=knock_qk, scale=scale, window=tuple(window),
+            out_bias=out_bias, kv_weights=kv_weights, knock_qk=knock_qk, scale=scale, window=tuple(window),
         )
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.causal, self.backend, self.scale, self.window = causal, backend, scale, tuple(window)
@@ -163,13 +181,13 @@ class SoftmaxAttentionBase(nn.Module):
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias, **fk)
         self.k_proj = nn.Linear(dim, kv_out_heads * head_dim, bias=qkv_bias, **fk)
         self.v_proj = nn.Linear(dim, kv_out_heads * head_dim, bias=qkv_bias, **fk)
-        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False, **fk)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=bool(out_bias), **fk)
         if kv_weights == "wgqa":
             init = torch.full((num_heads,), num_kv_heads / num_heads, **fk)
             self.k_mix = nn.Parameter(init.clone())
             self.v_mix = nn.Parameter(init.clone())
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6, **fk) if qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6, **fk) if qk_norm else None
+        self.q_norm = make_qk_norm(qk_norm, head_dim, **fk)
+        self.k_norm = make_qk_norm(qk_norm, head_dim, **fk)
         self.rope = make_rope(rope, head_dim)
         self.knocking = KnockingHeads(head_dim, knocking, knock_qk, **fk) if knocking is not None else None
 
