@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         prog="attnzoo study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("name", choices=STUDIES + ("all", "report"),
-                        help="a study, 'all' (then the README report), or 'report' (rewrite README.md from the JSON)")
+                        help="a study, 'all' (then the README report), or 'report' (re-render plots, study reports and README.md "
+                        "from the JSON files in --out)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, few steps, one seed")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/studies, or "
                         "benchmarks/studies/quick with --quick)")
@@ -71,7 +72,14 @@ def main(argv=None) -> int:
 
     from attnzoo.studies import report
 
-    if args.name == "report":
+    if args.name == "report":  # re-render every study's plots and markdown from its JSON, then README.md
+        import json
+
+        for name in STUDIES:
+            if (out / f"{name}.json").is_file():
+                result = json.loads((out / f"{name}.json").read_text())
+                _module(name).plot(out, result)
+                (out / f"{name}.md").write_text(_module(name).report(result))
         report.write_readme(out)
         log(f"wrote {out / 'README.md'}")
         return 0

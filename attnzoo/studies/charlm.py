@@ -27,7 +27,7 @@ def config(quick: bool) -> dict:
     if quick:
         return dict(seq_len=32, dim=32, num_heads=4, num_layers=2, window=8, batch_size=8, steps=20, lr=3e-3,
                     eval_batches=2, eval_batch_size=8, gen_steps=6, seeds=[0])
-    return dict(seq_len=128, dim=64, num_heads=4, num_layers=2, window=32, batch_size=16, steps=400, lr=3e-3,
+    return dict(seq_len=64, dim=64, num_heads=4, num_layers=2, window=16, batch_size=16, steps=300, lr=3e-3,
                 eval_batches=8, eval_batch_size=16, gen_steps=48, seeds=[0, 1, 2])
 
 
@@ -158,7 +158,7 @@ def plot(out: Path, result: dict) -> None:
     for r in result["runs"]:
         curves.setdefault(r["variant"], []).append(r["train"]["loss"])
     plot_curves(out / f"{NAME}_loss.png", curves,
-                f"char-LM training loss on pydoc_data.topics, mean and min-max over {len(cfg['seeds'])} seeds "
+                f"char-LM training loss, mean and min-max over {len(cfg['seeds'])} seeds "
                 f"(smoothed over 10 steps)", "loss (nats/char)")
     tail = max(1, cfg["steps"] // 3)
     curves_tail = {v: [c[-tail:] for c in cs] for v, cs in curves.items()}
@@ -168,7 +168,7 @@ def plot(out: Path, result: dict) -> None:
     for r in result["runs"]:
         series["eval loss"].setdefault(r["variant"], []).append(r["eval"]["eval_loss"])
     plot_bars(out / f"{NAME}_eval.png", VARIANT_LIST, series,
-              f"held-out loss after {cfg['steps']} steps (bars: mean; whiskers: min-max; dots: seeds)", "nats/char")
+              f"held-out loss after {cfg['steps']} steps (bars: mean; whiskers: min-max; dots: seeds)", "nats/char", zoom=True)
 
 
 def summary(result: dict) -> dict:
@@ -180,8 +180,10 @@ def summary(result: dict) -> dict:
         rows[v] = dict(
             params=rs[0]["params"], eval_loss=[r["eval"]["eval_loss"] for r in rs],
             bpc=[r["eval"]["eval_bits_per_char"] for r in rs],
-            spikes=[r["checks"]["spikes"]["count"] for r in rs],
-            max_jump=[r["checks"]["spikes"]["max_rel_jump"] for r in rs],
+            # recomputed from the stored per-step losses, so the report follows the definition in train.spikes
+            spikes=[spikes(r["train"]["loss"], skip=max(1, result["config"]["steps"] // 10))["count"] for r in rs],
+            spikes5=[spikes(r["train"]["loss"], skip=max(1, result["config"]["steps"] // 10))["count_over_5pct"] for r in rs],
+            max_jump=[spikes(r["train"]["loss"], skip=max(1, result["config"]["steps"] // 10))["max_rel_jump"] for r in rs],
             max_gn=[r["checks"]["max_grad_norm"] for r in rs],
             gen_equal=all(r["checks"]["generation"]["tokens_equal"] for r in rs),
             gen_diff=max(r["checks"]["generation"]["max_abs_logit_diff"] for r in rs),
@@ -201,15 +203,17 @@ def report(result: dict) -> str:
         f"d_model {cfg['dim']}, {cfg['num_layers']} layers, {cfg['num_heads']} heads (head dim "
         f"{cfg['dim'] // cfg['num_heads']}), context {cfg['seq_len']}, {cfg['steps']} steps of batch {cfg['batch_size']}, "
         f"AdamW lr {cfg['lr']} (warmup 10%, cosine), clip 1.0, seeds {cfg['seeds']}; DMA keep_window {cfg['window']}. "
-        "Mean ± std over seeds. Spikes: steps after warmup whose loss exceeds the mean of the 10 before by more "
-        "than 5%.",
+        "Mean ± std over seeds. Loss spikes: steps after warmup whose loss exceeds the mean of the 10 steps before by "
+        f"more than 10% (and, in brackets, by more than 5%: at batch {cfg['batch_size']} x {cfg['seq_len']} characters that mostly counts batch-to-batch "
+        "noise; the 5% threshold was the first definition, raised to 10% after seeing MHA's counts and before the KHA "
+        "runs had finished).",
         "",
         "| variant | params | held-out loss (nats/char) | bits/char | loss spikes | largest jump | max grad norm | cached == uncached generation |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for v, r in rows.items():
         lines.append(
-            f"| {v} | {r['params']:,} | {fmt(r['eval_loss'])} | {fmt(r['bpc'])} | {fmt(r['spikes'], 1)} | "
+            f"| {v} | {r['params']:,} | {fmt(r['eval_loss'])} | {fmt(r['bpc'])} | {fmt(r['spikes'], 1)} ({fmt(r['spikes5'], 1)}) | "
             f"{fmt([100 * j for j in r['max_jump']], 1)}% | {fmt(r['max_gn'], 2)} | "
             f"{'yes' if r['gen_equal'] else 'NO'} ({r['cache']}, max logit diff {r['gen_diff']:.1e}) |"
         )
@@ -223,7 +227,9 @@ def report(result: dict) -> str:
             u = r["checks"]["head_usage"]["layers"]
             lines.append(f"- {r['name']}: " + "; ".join(f"layer {i}: {l['usage']} (CV {l['routed_cv']:.2f})" for i, l in enumerate(u))
                          + f"; final aux loss {r['train']['aux_loss'][-1]:.3f}")
-        lines.append("")
+        lines += ["", "Note: the load-balance loss is `h_r * sum_i P_i f_i`; while the router's probabilities P stay near "
+                  "uniform it equals top_k whatever the usage f is, so a final aux loss at top_k (2 for moh75, 1 for "
+                  "moh50) does not by itself show balanced heads; the usage above is the measurement.", ""]
     kha = [r for r in result["runs"] if "fold" in r["checks"]]
     if kha:
         lines += ["KHA `fold()` of the trained models (KHA-Linear folds into plain MultiHeadAttention; KHA-MLP keeps its MLP on V):", ""]
@@ -231,7 +237,7 @@ def report(result: dict) -> str:
             f = r["checks"]["fold"]
             lines.append(f"- {r['name']}: -> {f['folded_class']} (knocking={f['folded_knocking']}), params "
                          f"{f['params_before']:,} -> {f['params_after']:,}, held-out loss {r['eval']['eval_loss']:.4f} -> "
-                         f"{f['eval_loss_folded']:.4f}, max |logit diff| {f['max_abs_logit_diff']:.1e}")
+                         f"{f['eval_loss_folded']:.4f}, max abs logit diff {f['max_abs_logit_diff']:.1e}")
         lines.append("")
     lines += ["Greedy samples (seed 0, cached generation):", ""]
     for r in result["runs"]:

@@ -96,7 +96,7 @@ def plot_curves(path: Path, runs_by_variant: Dict[str, List[List[float]]], title
 
 
 def plot_bars(path: Path, groups: List[str], series: Dict[str, Dict[str, List[float]]], title: str, ylabel: str,
-              ylim=None) -> None:
+              ylim=None, zoom: bool = False) -> None:
     """Grouped bars: for each group (x), one bar per series with its mean over seeds, error bars min-max,
     and the seeds as dots."""
     p = plt()
@@ -120,6 +120,12 @@ def plot_bars(path: Path, groups: List[str], series: Dict[str, Dict[str, List[fl
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    if zoom and not ylim:  # losses: the differences matter, not the distance from 0 (the axis says so)
+        vals = [v for g in series.values() for vs in g.values() for v in vs]
+        lo, hi = min(vals), max(vals)
+        pad = max(hi - lo, 1e-3)
+        ylim = (lo - 0.6 * pad, hi + 0.3 * pad)
+        ax.text(0.01, 0.98, "note: the y axis does not start at 0", transform=ax.transAxes, fontsize=7, va="top")
     if ylim:
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3, axis="y")

@@ -96,7 +96,7 @@ def plot(out: Path, result: dict) -> None:
             series.setdefault(label, {}).setdefault(r["target"], []).append(r["eval"][key])
     plot_bars(out / f"{NAME}.png", list(TARGETS), series,
               f"held-out loss before / right after conversion / after {result['config']['uptrain_steps']} uptraining steps",
-              "nats/char")
+              "nats/char", zoom=True)
     curves = {}
     for r in result["runs"]:
         curves.setdefault(r["target"], []).append(r["train"]["loss"])
@@ -119,7 +119,8 @@ def report(result: dict) -> str:
     lines = [
         f"## Study 3: converting the trained MHA char-LM{' — QUICK smoke run' if result['quick'] else ''}",
         "",
-        f"The study-2 MHA models (seeds {cfg['seeds']}; source: {result['runs'][0]['source'] if result['runs'] else '-'}) "
+        f"The study-2 MHA models (seeds {cfg['seeds']}; source: "
+        f"{', '.join(sorted({r['source'] for r in result['runs']}))}) "
         "converted layer by layer with `attnzoo.convert` through `convert.swap_modules`, then uptrained for "
         f"{cfg['uptrain_steps']} steps (AdamW lr {cfg['uptrain_lr']}, warmup 10%, cosine) on the training split. "
         "Control: the unconverted MHA model uptrained the same way. Held-out loss in nats/char, mean ± std over seeds.",

@@ -25,7 +25,7 @@ def config(quick: bool) -> dict:
         return dict(seq_len=32, num_keys=16, num_values=16, pairs=[2, 4], window=4, dim=32, num_heads=4,
                     num_layers=2, batch_size=8, steps=20, lr=3e-3, eval_sequences=32, seeds=[0])
     return dict(seq_len=64, num_keys=32, num_values=32, pairs=[2, 4, 8], window=8, dim=64, num_heads=4,
-                num_layers=2, batch_size=32, steps=500, lr=3e-3, eval_sequences=256, seeds=[0, 1, 2])
+                num_layers=2, batch_size=32, steps=400, lr=3e-3, eval_sequences=256, seeds=[0, 1, 2])
 
 
 @torch.no_grad()

@@ -83,13 +83,17 @@ def train(model, next_batch: Callable[[int], tuple], *, steps: int, lr: float, w
     return hist
 
 
-def spikes(losses: List[float], *, skip: int, window: int = 10, rel: float = 0.05) -> dict:
+def spikes(losses: List[float], *, skip: int, window: int = 10, rels=(0.05, 0.10)) -> dict:
     """Loss spikes: steps (after ``skip``) whose loss exceeds the mean of the previous ``window`` steps by
-    more than ``rel`` (relative). Returns their count and the largest relative jump."""
-    count, worst = 0, 0.0
+    more than ``rel`` (relative), counted for each threshold in ``rels``; and the largest relative jump."""
+    counts, worst = {r: 0 for r in rels}, 0.0
     for t in range(max(skip, window), len(losses)):
         ref = sum(losses[t - window : t]) / window
         jump = (losses[t] - ref) / ref
         worst = max(worst, jump)
-        count += jump > rel
-    return {"count": count, "max_rel_jump": worst}
+        for r in rels:
+            counts[r] += jump > r
+    out = {f"count_over_{round(100 * r)}pct": c for r, c in counts.items()}
+    out["count"] = counts[max(rels)]
+    out["max_rel_jump"] = worst
+    return out
