@@ -1,0 +1,5 @@
+import sys
+
+from attnzoo.studies import main
+
+sys.exit(main())
