@@ -19,7 +19,13 @@ class DynamicMaskAttention(SoftmaxAttentionBase):
     ``A_h * softplus(dt_proj(V))`` (``bias_form="linear"``, default) or ``exp(...)`` (``"exp"``).
     ``dt_proj: Linear(Hkv*D -> Hkv)`` over each token's concatenated value heads; ``A [Hkv]`` starts at 0,
     so a fresh layer is a causal sliding window of ``keep_window`` keys. The per-key bias is cached
-    beside K and V."""
+    beside K and V.
+
+    Known limit: generation through the cache equals the full forward only up to which of several keys
+    with (nearly) equal bias is kept. Projections of one token alone and of a whole sequence round
+    differently, and the top-``keep_window`` choice among keys whose biases differ only by that rounding
+    follows it (seen in trained char-LMs, whose repeated characters get near-equal biases:
+    ``benchmarks/studies/NOTES.md``)."""
 
     def __init__(
         self,
