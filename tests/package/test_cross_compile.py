@@ -108,8 +108,12 @@ def test_gate_rules():
     narrow = dict(rec, codegen=cc.ptx_features(_NARROW_PTX))
     problems = cc.gate_problems(narrow)
     assert any("not 128-bit" in p for p in problems) and any("not pipelined" in p for p in problems)
-    narrow_cp = dict(rec, codegen=cc.ptx_features(_GOOD_PTX.replace("0x10, %r10", "0x8, %r10")))
-    assert any("cp.async narrower" in p for p in cc.gate_problems(narrow_cp))
+    # per-row fp32 vectors (log-sum-exp, delta) pipelined as 4-byte cp.async beside 128-bit tiles: allowed
+    rows_ptx = _GOOD_PTX + "    @%p9 cp.async.ca.shared.global [ %r20 + 0 ], [ %rd20 + 0 ], 0x4, %r21;\n" * 3
+    assert cc.gate_problems(dict(rec, codegen=cc.ptx_features(rows_ptx))) == []
+    # a 16-bit tile moved in pairs: more 32-bit loads than 128-bit ones
+    pairs = _GOOD_PTX + "    @%p1 ld.global.b32 { %r1 }, [ %rd1 + 0 ];\n" * 16
+    assert any("not 128-bit" in p for p in cc.gate_problems(dict(rec, codegen=cc.ptx_features(pairs))))
     assert cc.gate_problems(dict(rec, stack_bytes=None))  # no cuobjdump: the spill rule cannot pass
     # a family passes only with every hot kernel compiled and clean
     rows = [dict(rec, kernel=k) for k in cc.HOT["knocking"]]
