@@ -474,7 +474,7 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default="", help="only scenarios whose name contains this")
     ap.add_argument("--quick", action="store_true",
                     help="a few scenarios per family and the first surviving config of each autotuned kernel "
-                         "(what CI runs)")
+                         "(CI's fast compile check; --gate is the codegen check)")
     ap.add_argument("--gate", action="store_true",
                     help="compile only the hot kernels, in the gate's scenarios (head dims 64 and 128), every "
                          "config their autotuners offer; exit 1 if any fails: " + "; ".join(GATE_RULES))

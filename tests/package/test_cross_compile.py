@@ -5,6 +5,10 @@ so a kernel (or a config pruner) can pass every CPU test and still break on the 
 ``tools/cross_compile.py --quick`` drives the public ops forward and backward with a compile-only Triton
 driver: every launch compiles (the first config each autotuner keeps) down to a cubin. On a GPU the other
 tests compile the kernels for real.
+
+``--gate`` (one test per family) holds the hot kernels at head dims 64 and 128, fp16 and bf16, in every
+config their autotuners offer, to 128-bit tile loads, pipelined loads and zero spill, read from the PTX and
+the cubin; the rules themselves are tested on PTX excerpts.
 """
 
 import json
