@@ -33,7 +33,13 @@ CHUNK = 16 if DEVICE == "cpu" else 64
 
 @pytest.fixture(autouse=True)
 def _nan_fill(monkeypatch):
-    monkeypatch.setattr(triton_chunk, "DEBUG_NAN_FILL", True)
+    monkeypatch.setenv("ATTNZOO_FILL_NAN", "1")  # fresh kernel outputs start as NaN: unwritten elements show
+
+
+def test_outputs_start_as_nan_in_test_mode():
+    x = torch.zeros(3, device=DEVICE, dtype=torch.float16)
+    assert torch.isnan(triton_chunk._new(2, 5, like=x)).all()
+    assert torch.isnan(triton_chunk._new(2, like=x, dtype=torch.float32)).all()
 
 
 def _make(B, T, H, D, Dv, dtype, *, decay, h0, seed, n_states=None):

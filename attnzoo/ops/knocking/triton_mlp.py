@@ -42,28 +42,26 @@ This module imports triton: import it lazily (``attnzoo.ops.knocking.triton_back
 
 from __future__ import annotations
 
-import os
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops.triton_common import head_block, interpreter, length_bucket, new_output, tuning_configs
+
 # fp16/bf16: feed fp32 intermediates (H, dA, dG) to the tensor cores as hi + lo 16-bit pairs, so the
 # kernel computes the reference's fp32 math (see the header). False: plain casts, fewer dots.
 SPLIT_16BIT = True
-_NO_SPEC = ["N", "D"]  # sizes that may be 1 stay runtime ints (one compile per config)
-
-
-def interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The row count may be 1: it stays a runtime int (one compile per config). D is specialised like any int
+# argument (divisible by 16 or not): with D % 16 == 0 the head-dim masks are provably constant over
+# 16-element runs, so tiles move as 128-bit loads and the weight chunks pipeline through cp.async
+# (D unspecialised, every load was 16-bit and nothing was pipelined).
+_NO_SPEC = ["N"]
 
 
 def _new(shape, *, dtype, device) -> torch.Tensor:
-    """Fresh output buffer; NaN-filled in test mode (``ATTNZOO_FILL_NAN=1``) so unwritten elements show."""
-    if os.environ.get("ATTNZOO_FILL_NAN", "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return new_output(shape, dtype=dtype, device=device)
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -72,14 +70,6 @@ def _dot_prec(dtype: torch.dtype) -> str:
 
 def _split(dtype: torch.dtype) -> bool:
     return SPLIT_16BIT and dtype in (torch.float16, torch.bfloat16)
-
-
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _bucket(n: int) -> int:
-    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 20)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,51 +225,56 @@ def _kha_mlp_bwd_dw_kernel(
 # Launch configuration: autotuned on a GPU, one small fixed tile under the interpreter (so tests with
 # tiny shapes still cross row tiles, hidden chunks and row splits).
 
-# (BLOCK_M, BLOCK_H, num_warps, num_stages)
-GPU_FWD_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2),
-                   (32, 64, 4, 3), (64, 16, 4, 3), (16, 32, 2, 2), (128, 16, 4, 2), (64, 32, 8, 2)]
-GPU_DW_CONFIGS = [(64, 16, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 16, 8, 2), (128, 32, 8, 2),
-                  (32, 32, 4, 2), (64, 64, 8, 2), (32, 16, 4, 3), (64, 16, 8, 2), (32, 32, 8, 2)]
+# (BLOCK_M, BLOCK_H, num_warps, num_stages) per padded head dim, each list at most 6 long: configs whose
+# sm_90 compiles (tools/cross_compile.py, Triton 3.9, fp16 and bf16) spill nothing, load 128-bit and
+# pipeline the weight chunks (dW: the row tiles) through cp.async. Heuristic picks from those (no GPU was
+# available to time them): tall row tiles, wide hidden chunks, registers well under 255. The autotuner
+# times them on a GPU; ``ATTNZOO_AUTOTUNE=first`` keeps only the first. Head dims under 64 use the 64
+# list (hidden chunks cut to the head dim), over 256 the 256 list.
+FWD_CONFIGS: Dict[int, List[Tuple[int, int, int, int]]] = {
+    64: [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 3)],
+    128: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 16, 4, 3), (128, 16, 8, 2), (32, 64, 8, 2), (32, 32, 4, 3)],
+    256: [(32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 3), (16, 16, 4, 2)],
+}
+DV_CONFIGS: Dict[int, List[Tuple[int, int, int, int]]] = {
+    64: [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (32, 64, 4, 2)],
+    128: [(64, 16, 4, 2), (128, 16, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 3), (32, 32, 4, 2)],
+    256: [(16, 32, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)],
+}
+DW_CONFIGS: Dict[int, List[Tuple[int, int, int, int]]] = {
+    64: [(64, 32, 4, 2), (128, 16, 8, 2), (64, 16, 4, 3), (32, 32, 4, 3), (64, 16, 8, 2), (32, 32, 8, 2)],
+    128: [(64, 16, 8, 2), (32, 32, 8, 2), (64, 16, 8, 3), (32, 16, 4, 3), (32, 64, 8, 3), (32, 16, 8, 2)],
+    256: [(32, 16, 8, 2), (32, 32, 8, 3), (32, 16, 8, 3)],
+}
 INTERP_BLOCK_M, INTERP_BLOCK_H = 16, 16
 ROWS_PER_SPLIT_GRAIN = 128  # a multiple of every BLOCK_M, so no row tile straddles two splits
 _KEY = ["N_BUCKET", "BLOCK_D", "DOT_PREC", "SPLIT"]
 
 
-# Register budget (fp32 words per thread, a heuristic: tuned on no GPU yet). Row kernels hold the V (and
-# dY) tile and the fp32 [BLOCK_M, D] accumulator, ~2 * BLOCK_M * BLOCK_D words; the dW kernel holds three
-# fp32 [D, BLOCK_H] accumulators plus its weight chunks and V/dY tiles, ~4 * BLOCK_D * BLOCK_H + BLOCK_M * BLOCK_D.
-_REG_WORDS = 160
-
-
-def _fits(c, words: int) -> bool:
-    return words <= _REG_WORDS * 32 * c.num_warps
-
-
-def _prune_rows(configs, nargs, **kwargs):
-    bd = {**nargs, **kwargs}["BLOCK_D"]  # launch arguments passed by keyword arrive in kwargs
-    out = [c for c in configs if c.kwargs["BLOCK_H"] <= bd and _fits(c, 2 * c.kwargs["BLOCK_M"] * bd)]
-    return out or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * bd / c.num_warps, c.kwargs["BLOCK_H"]))]
-
-
-def _prune_dw(configs, nargs, **kwargs):
-    bd = {**nargs, **kwargs}["BLOCK_D"]  # launch arguments passed by keyword arrive in kwargs
-    out = [c for c in configs if c.kwargs["BLOCK_H"] <= bd and _fits(c, 4 * bd * c.kwargs["BLOCK_H"] + c.kwargs["BLOCK_M"] * bd)]
-    return out or [min(configs, key=lambda c: (c.kwargs["BLOCK_H"] * bd / c.num_warps, c.kwargs["BLOCK_M"]))]
+def gpu_configs(table: Dict[int, List[Tuple[int, int, int, int]]], block_d: int) -> List[Tuple[int, int, int, int]]:
+    """The configs offered at padded head dim ``block_d`` (hidden chunks no wider than the head)."""
+    row = table[min(max(block_d, 64), 256)]
+    out = []
+    for bm, bh, w, st in row:
+        c = (bm, min(bh, block_d), w, st)
+        if c not in out:
+            out.append(c)
+    return out
 
 
 _tuned = {}
 
 
-def _launcher(name, kernel, configs, prune):
+def _launcher(name, kernel, table, block_d: int):
+    """The kernel to launch at padded head dim ``block_d`` and the meta-arguments to pass: one autotuner per
+    (kernel, head block) over its own list, or one fixed small tile under the interpreter."""
     if interpreter():
         return kernel, {"BLOCK_M": INTERP_BLOCK_M, "BLOCK_H": INTERP_BLOCK_H}
-    if name not in _tuned:
-        _tuned[name] = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_H": bh}, num_warps=w, num_stages=s) for bm, bh, w, s in configs],
-            key=_KEY,
-            prune_configs_by={"early_config_prune": prune},
-        )(kernel)
-    return _tuned[name], {}
+    if (name, block_d) not in _tuned:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_H": bh}, num_warps=w, num_stages=s)
+                   for bm, bh, w, s in gpu_configs(table, block_d)]
+        _tuned[name, block_d] = triton.autotune(configs=tuning_configs(configs), key=_KEY)(kernel)
+    return _tuned[name, block_d], {}
 
 
 _FWD, _BWD_DV, _BWD_DW = _kha_mlp_fwd_kernel, _kha_mlp_bwd_dv_kernel, _kha_mlp_bwd_dw_kernel
@@ -322,13 +317,13 @@ def kha_mlp_fwd(v: torch.Tensor, w_up: torch.Tensor, w_gate: torch.Tensor, w_dow
     N = v2.shape[0]
     out = _new((N, D), dtype=v.dtype, device=v.device)
     if N > 0:
-        kernel, meta = _launcher("fwd", _FWD, GPU_FWD_CONFIGS, _prune_rows)
+        kernel, meta = _launcher("fwd", _FWD, FWD_CONFIGS, head_block(D))
         grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]),)  # noqa: E731
         kernel[grid](
-            v2, w_up, w_gate, w_down, out, N, D, _bucket(N),
+            v2, w_up, w_gate, w_down, out, N, D, length_bucket(N),
             v2.stride(0), v2.stride(1), *_w_strides(w_up), *_w_strides(w_gate), *_w_strides(w_down),
             out.stride(0), out.stride(1),
-            BLOCK_D=_block_d(D), DOT_PREC=_dot_prec(v.dtype), SPLIT=_split(v.dtype), **meta,
+            BLOCK_D=head_block(D), DOT_PREC=_dot_prec(v.dtype), SPLIT=_split(v.dtype), **meta,
         )
     return out.view(v.shape)
 
@@ -353,13 +348,13 @@ def kha_mlp_bwd(
     N = v2.shape[0]
     dev, dt = v.device, v.dtype
     ws = (*_w_strides(w_up), *_w_strides(w_gate), *_w_strides(w_down))
-    common = dict(BLOCK_D=_block_d(D), DOT_PREC=_dot_prec(dt), SPLIT=_split(dt))
+    common = dict(BLOCK_D=head_block(D), DOT_PREC=_dot_prec(dt), SPLIT=_split(dt))
     if need_dv and N > 0:
         dv = _new((N, D), dtype=dt, device=dev)
-        kernel, meta = _launcher("bwd_dv", _BWD_DV, GPU_FWD_CONFIGS, _prune_rows)
+        kernel, meta = _launcher("bwd_dv", _BWD_DV, DV_CONFIGS, head_block(D))
         grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]),)  # noqa: E731
         kernel[grid](
-            v2, do2, w_up, w_gate, w_down, dv, N, D, _bucket(N),
+            v2, do2, w_up, w_gate, w_down, dv, N, D, length_bucket(N),
             v2.stride(0), v2.stride(1), do2.stride(0), do2.stride(1), *ws, dv.stride(0), dv.stride(1),
             **common, **meta,
         )
@@ -368,10 +363,10 @@ def kha_mlp_bwd(
     if need_dw and N > 0:
         rps, S = _splits(N, D, dev)
         part = _new((3, S, D, D), dtype=torch.float32, device=dev)
-        kernel, meta = _launcher("bwd_dw", _BWD_DW, GPU_DW_CONFIGS, _prune_dw)
+        kernel, meta = _launcher("bwd_dw", _BWD_DW, DW_CONFIGS, head_block(D))
         grid = lambda META: (S, triton.cdiv(D, META["BLOCK_H"]))  # noqa: E731
         kernel[grid](
-            v2, do2, w_up, w_gate, w_down, part[0], part[1], part[2], N, D, _bucket(N), rps,
+            v2, do2, w_up, w_gate, w_down, part[0], part[1], part[2], N, D, length_bucket(N), rps,
             v2.stride(0), v2.stride(1), do2.stride(0), do2.stride(1), *ws,
             **common, **meta,
         )

@@ -25,9 +25,12 @@ registers the whole way. Per chunk: the intra-chunk part is the masked quadratic
   final state past the accuracy rule. fp32 inputs use exact ("ieee") dots everywhere: correct but slow
   (no tensor cores; a quarter-size state slice keeps spills small up to head dim 128, larger ones spill);
   use fp16/bf16 for speed.
-- Registers: the per-tile offsets are int32 around one int64 scalar base per chunk. Chunk 64 (head dims
-  <= 64, half precision), 32 (<= 128) or 16, 8 warps: chosen from offline sm_90 compiles (no GPU here to
-  time them) as the largest chunks that spill nothing (:func:`default_chunk_size`).
+- Registers: the per-tile offsets are int32 around one int64 scalar base per chunk. Products with the
+  state run transposed (the state as the tall operand: a wgmma on Hopper, see :func:`_dot_state`). Chunk
+  64 (head dims <= 64, half precision), 32 (<= 128) or 16, 8 warps: chosen from offline sm_90 compiles
+  (no GPU here to time them) as the largest chunks that spill nothing (:func:`default_chunk_size`);
+  ``tools/cross_compile.py --gate`` holds every kernel at head dims 64 and 128 to 128-bit loads,
+  cp.async pipelining and zero spill.
 - Varlen: sequences come from ``cu_seqlens`` (a dense batch is ``cu = arange(B + 1) * T``); the state
   restarts from ``initial_state[i]`` (or 0) at every sequence.
 - Segments (dense batches only): when ``n_seqs * H * (Dv / BV)`` programs would leave the GPU under-filled
@@ -45,6 +48,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from attnzoo.ops.triton_common import new_output
 
 
 @triton.jit
@@ -66,16 +71,22 @@ def _dot_state(x, S, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     """``x @ S`` for an input-dtype tile ``x`` and an fp32 state tile ``S``. With SPLIT (fp16/bf16 inputs)
     ``S`` is scaled so its largest entry is 2^14 (fp16 cannot overflow), split ``hi + lo`` in ``x``'s dtype,
     and both halves run on tensor cores: ~22 bits of the state survive, at the register cost of one fp32
-    copy (an fp32 "tf32x3" dot spilled heavily). fp32 inputs: one exact ("ieee") dot."""
+    copy (an fp32 "tf32x3" dot spilled heavily). fp32 inputs: one exact ("ieee") dot.
+
+    Computed transposed, ``(S^T x^T)^T``: the state is the tall operand (M = its width >= 64 rows), so on
+    Hopper the product is a warp-group MMA (wgmma) even for 32-token chunks, where ``x @ S`` (M = 32) was
+    an mma.sync with the state's halves held in registers -- 253-255 registers and 8 B of spill at head
+    dim 128, against ~200 and none this way (sm_90, Triton 3.9)."""
     if SPLIT:
         amax = tl.max(tl.max(tl.abs(S), axis=1), axis=0)
         sc = tl.maximum(amax, 1e-30) * (1.0 / 16384.0)
-        Ss = S / sc
-        hi = Ss.to(x.dtype)
-        lo = (Ss - hi.to(tl.float32)).to(x.dtype)
-        acc = (tl.dot(x, hi, input_precision=DOT_PREC) + tl.dot(x, lo, input_precision=DOT_PREC)) * sc
+        St = tl.trans(S / sc)
+        hi = St.to(x.dtype)
+        lo = (St - hi.to(tl.float32)).to(x.dtype)
+        xt = tl.trans(x)
+        acc = tl.trans(tl.dot(hi, xt, input_precision=DOT_PREC) + tl.dot(lo, xt, input_precision=DOT_PREC)) * sc
     else:
-        acc = tl.dot(x, S, input_precision=DOT_PREC)
+        acc = tl.trans(tl.dot(tl.trans(S), tl.trans(x), input_precision=DOT_PREC))
     return acc
 
 
@@ -266,15 +277,11 @@ def _lightning_bwd_dv_kernel(
 
 _STATE_BUDGET = 8192  # fp32 elements of a program's state tile (registers)
 
-#: tests set this to fill fresh outputs with NaN, so an element a kernel forgets to write shows up
-DEBUG_NAN_FILL = False
-
 
 def _new(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    dtype = dtype or like.dtype
-    if DEBUG_NAN_FILL:
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
-    return torch.empty(shape, device=like.device, dtype=dtype)
+    """A fresh output on ``like``'s device: NaN-filled under ``ATTNZOO_FILL_NAN=1`` (tests), so an element a
+    kernel forgets to write shows up (:func:`attnzoo.ops.triton_common.new_output`)."""
+    return new_output(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def _pow2(x: int) -> int:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnzoo.ops.lightning.triton_chunk import _new  # noqa: F401  (NaN-filled allocations in tests)
+from attnzoo.ops.triton_common import new_output
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def decode_impl(q, k, v, state, rate, scale: float) -> torch.Tensor:
     B, Tn, H, D = q.shape
     Dv = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = _new(B, Tn, H, Dv, like=q)
+    o = new_output((B, Tn, H, Dv), dtype=q.dtype, device=q.device)
     work = state if state.is_contiguous() else state.contiguous()
     BD = max(16, triton.next_power_of_2(D))
     BV = max(16, min(triton.next_power_of_2(Dv), max(16, 8192 // BD)))
