@@ -1,0 +1,112 @@
+"""The "torch" backend of ``moh_attention`` (SPEC §3): computes only the active ``(token, head)`` rows, so its
+cost follows the active fraction; any device.
+
+Per (batch, kv head): the active rows of the group's ``H / Hkv`` query heads are packed in position order
+(one ``nonzero``, a host sync), run as the queries of one attention over the group's dense K/V (causal /
+window / padding tested against each row's original position, in chunks of packed rows, each chunk over
+just the keys its rows may see), scaled by their gates and scattered back; inactive rows are 0 and their
+gates get no gradient. Chunks are checkpointed under autograd so the backward holds one chunk's mask at a
+time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from attnzoo import backends
+from attnzoo.ops.attention.torch_backend import FLOAT_DTYPES, _zero_excluded, graph_anchor, sdpa_chunk
+
+CHUNK = 256  # packed rows per chunk
+
+
+def _supports(q, k, v, gates, **_) -> List[str]:
+    reasons = [] if q.dtype in FLOAT_DTYPES else [f"q: dtype {q.dtype} is not a floating dtype"]
+    if not gates.is_floating_point():
+        reasons.append(f"gates: dtype {gates.dtype} is not a floating dtype")
+    return reasons
+
+
+def _rows_mask(pos, lo, hi, offset, causal, window, kpm_b, device):
+    """``[1, 1, n, S]`` keep mask of packed rows at positions ``pos [n]`` over keys ``[lo, hi)`` (or None)."""
+    left, right = window
+    keep = None
+    if causal or left >= 0 or right >= 0:
+        d = torch.arange(lo, hi, device=device)[None, :] - (pos[:, None] + offset)
+        keep = torch.ones_like(d, dtype=torch.bool)
+        if causal:
+            keep = keep & (d <= 0)
+        if left >= 0:
+            keep = keep & (d >= -left)
+        if right >= 0:
+            keep = keep & (d <= right)
+    if kpm_b is not None:
+        kp = kpm_b[lo:hi][None, :]
+        keep = kp.expand(pos.shape[0], -1) if keep is None else keep & kp
+    return None if keep is None else keep[None, None]
+
+
+@backends.register("moh_attention", "torch", priority=5, supports=_supports)
+def moh_attention_torch(q, k, v, gates, *, causal=False, scale=None, window=(-1, -1), key_padding_mask=None):
+    B, Tq, H, D = q.shape
+    Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    offset = Tk - Tq
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    left, right = int(window[0]), int(window[1])
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.bool()
+        k, v = _zero_excluded(k, key_padding_mask), _zero_excluded(v, key_padding_mask)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    active = gates != 0  # [B, Tq, H]
+    per_batch = []
+    for b in range(B):
+        groups = []
+        for g in range(Hkv):
+            qg = q[b, :, g * G : (g + 1) * G].reshape(Tq * G, D)  # row t * G + j: token t, head g * G + j
+            idx = active[b, :, g * G : (g + 1) * G].reshape(-1).nonzero()[:, 0]  # ascending: position order
+            n = idx.shape[0]
+            if n == 0:
+                groups.append(q.new_zeros(Tq * G, Dv))
+                continue
+            pos_all = idx // G
+            qa = qg.index_select(0, idx)[None, None]  # [1, 1, n, D]
+            kg, vg = k[b, :, g][None, None], v[b, :, g][None, None]  # [1, 1, Tk, D]
+            kpm_b = None if key_padding_mask is None else key_padding_mask[b]
+            firsts = lasts = None
+            if causal or left >= 0 or right >= 0:  # positions of each chunk's first and last row (one sync)
+                nc = -(-n // CHUNK)
+                both = torch.cat([pos_all[::CHUNK], pos_all[CHUNK - 1 :: CHUNK], pos_all[-1:]]).tolist()
+                firsts, lasts = both[:nc], both[nc : 2 * nc]
+            outs = []
+            for c, r0 in enumerate(range(0, n, CHUNK)):
+                r1 = min(n, r0 + CHUNK)
+                lo, hi = 0, Tk
+                if firsts is not None:
+                    p_first, p_last = firsts[c], lasts[c]
+                    if causal:
+                        hi = min(hi, p_last + offset + 1)
+                    if right >= 0:
+                        hi = min(hi, p_last + offset + right + 1)
+                    if left >= 0:
+                        lo = max(lo, p_first + offset - left)
+                if hi <= lo:
+                    outs.append(q.new_zeros(1, 1, r1 - r0, Dv))
+                    continue
+                pos = pos_all[r0:r1]
+
+                def run(qc, kc, vc, pos=pos, lo=lo, hi=hi, kpm_b=kpm_b):
+                    m = _rows_mask(pos, lo, hi, offset, causal, (left, right), kpm_b, q.device)
+                    return sdpa_chunk(qc, kc, vc, scale, m)
+
+                args = (qa[:, :, r0:r1], kg[:, :, lo:hi], vg[:, :, lo:hi])
+                outs.append(checkpoint(run, *args, use_reentrant=False) if grad else run(*args))
+            o_rows = torch.cat(outs, dim=2)[0, 0]  # [n, Dv]
+            groups.append(q.new_zeros(Tq * G, Dv).index_copy(0, idx, o_rows))
+        per_batch.append(torch.stack([x.view(Tq, G, Dv) for x in groups], dim=1).reshape(Tq, H, Dv))
+    o = torch.stack(per_batch, dim=0) + graph_anchor(q, k, v)  # inputs stay in the graph if no row is active
+    # gates: inactive rows are 0 already (and their gates get 0 gradient through o = 0)
+    return o * gates[..., None].to(o.dtype)
