@@ -96,8 +96,8 @@ def math_chunk(q, k, v, scale: float, mask: Optional[torch.Tensor]):
         row = (s > float("-inf")).any(-1, keepdim=True)
         s = s.masked_fill(~row, 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    p = torch.exp(s - lse)
-    o = torch.matmul(p, v)
+    # softmax, not exp(s - lse): with huge finite biases (finfo.min, -1e9) lse loses the scores' spread
+    o = torch.matmul(torch.softmax(s, dim=-1), v)
     if row is not None:
         o = o.masked_fill(~row, 0.0)
         lse = lse.masked_fill(~row, float("-inf"))
@@ -232,8 +232,9 @@ def _dense(q, k, v, *, causal, scale, window, bias, mask, block_mask, key_paddin
     offset = Tk - Tq
     if Tq == 0 or Tk == 0:  # nothing to compute: no rows, or rows that see no key
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        o = q.new_zeros(B, Tq, H, Dv) + graph_anchor(q, k, v)
-        return o, torch.full((B, H, Tq), float("-inf"), device=q.device, dtype=lse_dtype)
+        anchor = graph_anchor(q, k, v)
+        lse = torch.full((B, H, Tq), float("-inf"), device=q.device, dtype=lse_dtype) + anchor.to(lse_dtype)
+        return q.new_zeros(B, Tq, H, Dv) + anchor, lse
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.bool()
         k, v = _zero_excluded(k, key_padding_mask), _zero_excluded(v, key_padding_mask)
@@ -277,8 +278,9 @@ def _dense(q, k, v, *, causal, scale, window, bias, mask, block_mask, key_paddin
             o_c, lse_c = run(*args)
         outs.append(o_c)
         lses.append(lse_c)
-    o = torch.cat(outs, dim=2).transpose(1, 2)
-    return o, (torch.cat(lses, dim=2) if return_lse else None)
+    anchor = graph_anchor(q, k, v)  # chunks whose rows see no key are constants: keep the graph whole
+    o = torch.cat(outs, dim=2).transpose(1, 2) + anchor
+    return o, (torch.cat(lses, dim=2) + anchor.to(lses[0].dtype) if return_lse else None)
 
 
 def _varlen(q, k, v, cu_q, cu_k, *, causal, scale, window, return_lse):
