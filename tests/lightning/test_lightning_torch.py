@@ -2,7 +2,8 @@
 
 Accuracy rule (SPEC §0): against the float64 parallel reference, each output and gradient (q, k, v, the
 initial state and the decay rates) errs at most 2x the reference evaluated in the inputs' dtype, plus a
-floor. Chunks of 8 so T ~ 1-50 crosses several chunk boundaries and leaves a tail. Also: O(T) memory
+floor. Chunks of 8 (scan blocks of 3 chunks) so T ~ 1-50 crosses chunk and block boundaries and leaves a
+tail. Also: O(T) memory
 (no T x T buffer), and decode continuing a prefill.
 """
 
@@ -24,6 +25,7 @@ NAMES = ["o", "final_state", "dq", "dk", "dv", "d_initial_state", "d_decay"]
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(TB, "CHUNK", 8)
+    monkeypatch.setattr(TB, "SCAN_BLOCK", 3)  # several blocks of the two-level scan, the last one partial
 
 
 def _run(fn, q, k, v, s, S0, do, dS, *, hi, cu_seqlens=None):

@@ -69,12 +69,15 @@ def _safe_mask(mask: torch.Tensor):
     return mask.masked_fill(~row, 0.0), row
 
 
-def sdpa_chunk(q, k, v, scale: float, mask: Optional[torch.Tensor], is_causal: bool = False):
+def sdpa_chunk(q, k, v, scale: float, mask: Optional[torch.Tensor], is_causal: bool = False,
+               may_be_empty: bool = True):
     """``q [B, H, C, D]``, ``k, v [B, Hkv, S, D]`` (BHTD views), ``mask`` None, bool (True = keep) or additive
-    float, broadcastable to ``[B, H, C, S]``. Rows that see no key give 0."""
+    float, broadcastable to ``[B, H, C, S]``. Rows that see no key give 0 (``may_be_empty=False``: the
+    caller knows every row sees a key, and the two passes that make empty rows safe are skipped)."""
     gqa = q.shape[1] != k.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    if mask is None or not may_be_empty:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
     mask, row = _safe_mask(mask)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.masked_fill(~row, 0.0)

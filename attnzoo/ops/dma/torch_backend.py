@@ -66,6 +66,11 @@ def _candidates(rank: torch.Tensor, keep_window: int, Tq: int, causal: bool, chu
     return out
 
 
+#: elements of one group's mask ``[chunks, B, H, CHUNK, keep_window + CHUNK]``: chunks are batched into one
+#: SDPA call per group (few large ops rather than many small ones)
+GROUP_ELEMS = 1 << 23
+
+
 @backends.register("dynamic_mask_attention", "torch", priority=5, supports=_supports)
 def dynamic_mask_attention_torch(q, k, v, bias, *, keep_window, causal=True, scale=None, key_padding_mask=None):
     B, Tq, H, D = q.shape
@@ -80,43 +85,59 @@ def dynamic_mask_attention_torch(q, k, v, bias, *, keep_window, causal=True, sca
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.bool()
         k, v = _zero_excluded(k, key_padding_mask), _zero_excluded(v, key_padding_mask)
+    C = CHUNK
+    S = keep_window + C  # candidates per chunk, padded to one size
+    n_chunks = -(-Tq // C)
+    off = Tk - Tq
+    dev = q.device
     with torch.no_grad():
         rank = key_ranks(bias, key_padding_mask)  # [B, Hb, Tk]; padded keys PAD_RANK
-        cands = _candidates(rank, keep_window, Tq, causal, CHUNK)
-    off = Tk - Tq
-    kv_head = torch.arange(Hb, device=q.device) // (Hb // Hkv)  # the kv head each bias head reads
+        cands = _candidates(rank, keep_window, Tq, causal, C)
+        idx = torch.zeros(n_chunks, B, Hb, S, dtype=torch.long, device=dev)
+        valid = torch.zeros(n_chunks, B, Hb, S, dtype=torch.bool, device=dev)
+        for c, cand in enumerate(cands):
+            if cand is not None:
+                idx[c, :, :, : cand.shape[-1]] = cand
+                valid[c, :, :, : cand.shape[-1]] = True
+        kv_head = torch.arange(Hb, device=dev) // (Hb // Hkv)  # the kv head each bias head reads
+        flat = kv_head[None, None, :, None] * Tk + idx  # [n, B, Hb, S] into k's [B, Hkv * Tk]
+    pad = n_chunks * C - Tq
+    qp = q if pad == 0 else torch.cat([q, q.new_zeros(B, pad, H, D)], dim=1)
+    qc_all = qp.view(B, n_chunks, C, H, D).permute(1, 0, 3, 2, 4)  # [n, B, H, C, D]
     kflat = k.transpose(1, 2).reshape(B, Hkv * Tk, D)
     vflat = v.transpose(1, 2).reshape(B, Hkv * Tk, Dv)
-    qt = q.transpose(1, 2)  # [B, H, Tq, D]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    per_group = max(1, GROUP_ELEMS // max(B * H * C * S, 1))
     outs = []
-    for ci, r0 in enumerate(range(0, Tq, CHUNK)):
-        r1 = min(Tq, r0 + CHUNK)
-        idx = cands[ci]
-        if idx is None:
-            outs.append(q.new_zeros(B, H, r1 - r0, Dv))
-            continue
-        S = idx.shape[-1]
+    for c0 in range(0, n_chunks, per_group):
+        c1 = min(n_chunks, c0 + per_group)
+        n = c1 - c0
         with torch.no_grad():
-            r = rank.gather(-1, idx)  # [B, Hb, S]
-            vis = r[:, :, None, :] != PAD_RANK
+            ix, r = idx[c0:c1], rank.gather(-1, idx[c0:c1].permute(1, 2, 0, 3).reshape(B, Hb, n * S))
+            r = r.view(B, Hb, n, S).permute(2, 0, 1, 3)  # [n, B, Hb, S]
+            vis = (valid[c0:c1] & (r != PAD_RANK))[:, :, :, None, :]  # [n, B, Hb, 1, S]
             if causal:
-                rows = torch.arange(r0, r1, device=q.device)
-                vis = vis & (idx[:, :, None, :] <= (rows + off)[None, None, :, None])
-            mr = torch.where(vis, r[:, :, None, :], torch.full((), PAD_RANK, dtype=r.dtype, device=r.device))
+                rows = torch.arange(c0 * C, c1 * C, device=dev).view(n, 1, 1, C, 1)
+                vis = vis & (ix[:, :, :, None, :] <= rows + off)
+            vis = vis.expand(n, B, Hb, C, S)
+            mr = torch.where(vis, r[:, :, :, None, :], torch.full((), PAD_RANK, dtype=r.dtype, device=dev))
             kth = mr.kthvalue(min(keep_window, S), dim=-1, keepdim=True).values
-            keep = vis & (mr <= kth)  # [B, Hb, C, S]
-            flat = (kv_head[None, :, None] * Tk + idx).reshape(B, Hb * S, 1)
+            keep = (vis & (mr <= kth)).reshape(n * B, Hb, C, S)
+            fl = flat[c0:c1].reshape(n, B, Hb * S, 1).permute(1, 0, 2, 3).reshape(B, n * Hb * S, 1)
+            bidx = ix.permute(1, 2, 0, 3).reshape(B, Hb, n * S)
 
-        def run(qc, kf, vf, bias_, idx=idx, keep=keep, flat=flat, S=S):
-            kc = kf.gather(1, flat.expand(-1, -1, D)).view(B, Hb, S, D)
-            vc = vf.gather(1, flat.expand(-1, -1, Dv)).view(B, Hb, S, Dv)
-            bc = _cast_bias(bias_, q.dtype).gather(-1, idx)  # [B, Hb, S]
-            m = bc[:, :, None, :].masked_fill(~keep, float("-inf"))
+        def run(qc, kf, vf, bias_, keep=keep, fl=fl, bidx=bidx, n=n):
+            kc = kf.gather(1, fl.expand(-1, -1, D)).view(B, n, Hb, S, D).transpose(0, 1).reshape(n * B, Hb, S, D)
+            vc = vf.gather(1, fl.expand(-1, -1, Dv)).view(B, n, Hb, S, Dv).transpose(0, 1).reshape(n * B, Hb, S, Dv)
+            bc = _cast_bias(bias_, q.dtype).gather(-1, bidx).view(B, Hb, n, S).permute(2, 0, 1, 3)
+            m = bc.reshape(n * B, Hb, 1, S).masked_fill(~keep, float("-inf"))
+            qc = qc.reshape(n * B, H, C, D)
             if Hb == H and Hkv != H:
                 return sdpa_chunk(qc, kc, vc, scale, m)  # gathered per query head: no GQA left
             return sdpa_chunk(qc, kc, vc, scale, _expand_heads(m, H))
 
-        args = (qt[:, :, r0:r1], kflat, vflat, bias)
-        outs.append(checkpoint(run, *args, use_reentrant=False) if grad else run(*args))
-    return torch.cat(outs, dim=2).transpose(1, 2)
+        args = (qc_all[c0:c1], kflat, vflat, bias)
+        o = checkpoint(run, *args, use_reentrant=False) if grad else run(*args)
+        outs.append(o.view(n, B, H, C, Dv))
+    o = torch.cat(outs, dim=0).permute(1, 0, 3, 2, 4).reshape(B, n_chunks * C, H, Dv)
+    return o[:, :Tq]

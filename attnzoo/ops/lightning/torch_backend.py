@@ -21,6 +21,7 @@ from attnzoo import backends
 from attnzoo.ops.lightning.reference import state_dtype
 
 CHUNK = 64
+SCAN_BLOCK = 32  # chunks per block of the two-level state scan
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -44,16 +45,39 @@ def _chunks(q, k, v, s, scale: float, S0: torch.Tensor, C: int):
     o = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * M[None, :, None], vc)  # intra-chunk
     w_end = torch.exp(-s[:, None] * (C - 1 - idx))  # lambda^(C-1-j), [H, C]
     kv = torch.matmul((kc * w_end[None, :, None, :, None]).transpose(-1, -2), vc)  # [B, H, N, D, Dv]
-    lam_c = torch.exp(-s * C)[None, :, None, None]
-    S = S0
-    before = []
-    for n in range(N):  # the state entering chunk n
-        before.append(S)
-        S = lam_c * S + kv[:, :, n]
+    before = _scan(kv, s * C, S0)  # [B, H, N, D, Dv]: the state entering each chunk
+    S = torch.exp(-s * C)[None, :, None, None] * before[:, :, -1] + kv[:, :, -1]  # after the last chunk
     w_in = torch.exp(-s[:, None] * (idx + 1))  # lambda^(i+1), [H, C]
-    o = o + torch.matmul(qc * w_in[None, :, None, :, None], torch.stack(before, dim=2))
+    o = o + torch.matmul(qc * w_in[None, :, None, :, None], before)
     o = (o * scale).permute(0, 2, 3, 1, 4).reshape(B, T, H, Dv)
     return o, S
+
+
+def _scan(kv: torch.Tensor, rate: torch.Tensor, S0: torch.Tensor) -> torch.Tensor:
+    """``before[n] = sum_{m < n} exp(-rate (n-1-m)) kv[m] + exp(-rate n) S0`` for ``kv [B, H, N, D, Dv]``,
+    ``rate [H]`` (the decay over one chunk). Two levels, so there are few sequential steps: within blocks
+    of ``SCAN_BLOCK`` chunks one matmul with the lower-triangular decay matrix; across blocks a
+    sequential carry (``N / SCAN_BLOCK`` steps). Every factor is ``exp(-rate * d)``, ``d >= 0``."""
+    B, H, N, D, Dv = kv.shape
+    nb = -(-N // SCAN_BLOCK)
+    L = min(SCAN_BLOCK, N)
+    if nb * L != N:
+        kv = torch.cat([kv, kv.new_zeros(B, H, nb * L - N, D, Dv)], dim=2)
+    kvb = kv.reshape(B, H, nb, L, D * Dv)
+    i = torch.arange(L, device=kv.device, dtype=kv.dtype)
+    d = i[:, None] - 1 - i[None, :]  # chunks between m and n-1
+    zero = torch.zeros((), dtype=kv.dtype, device=kv.device)
+    W = torch.where(d >= 0, torch.exp(-rate[:, None, None] * d.clamp(min=0)), zero)  # [H, L, L]
+    local = torch.matmul(W[None, :, None], kvb)  # within-block part, [B, H, nb, L, D*Dv]
+    tot = torch.matmul(torch.exp(-rate[:, None] * (L - 1 - i))[None, :, None, None, :], kvb)  # block sums
+    decay_block = torch.exp(-rate * L)[None, :, None]
+    carry, carries = S0.reshape(B, H, D * Dv), []
+    for b in range(nb):  # the state entering block b
+        carries.append(carry)
+        carry = decay_block * carry + tot[:, :, b, 0]
+    enter = torch.stack(carries, dim=2)  # [B, H, nb, D*Dv]
+    before = local + torch.exp(-rate[:, None] * i)[None, :, None, :, None] * enter[:, :, :, None, :]
+    return before.reshape(B, H, nb * L, D, Dv)[:, :, :N]
 
 
 def lightning_chunked(q, k, v, decay: Optional[torch.Tensor], scale: float, initial_state: Optional[torch.Tensor],

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo import backends
 from attnzoo.ops.attention.torch_backend import FLOAT_DTYPES, _zero_excluded, graph_anchor, sdpa_chunk
 
-CHUNK = 256  # packed rows per chunk
+CHUNK = 512  # packed rows per chunk
 
 
 def _supports(q, k, v, gates, **_) -> List[str]:
@@ -31,22 +31,29 @@ def _supports(q, k, v, gates, **_) -> List[str]:
 
 
 def _rows_mask(pos, lo, hi, offset, causal, window, kpm_b, device):
-    """``[1, 1, n, S]`` keep mask of packed rows at positions ``pos [n]`` over keys ``[lo, hi)`` (or None)."""
+    """``([1, 1, n, S] keep mask or None, may_be_empty)`` of packed rows at positions ``pos [n]`` (ascending)
+    over keys ``[lo, hi)``: one comparison per bound, nothing else."""
     left, right = window
+    j = torch.arange(lo, hi, device=device)[None, :]
+    diag = pos[:, None] + offset
     keep = None
-    if causal or left >= 0 or right >= 0:
-        d = torch.arange(lo, hi, device=device)[None, :] - (pos[:, None] + offset)
-        keep = torch.ones_like(d, dtype=torch.bool)
-        if causal:
-            keep = keep & (d <= 0)
-        if left >= 0:
-            keep = keep & (d >= -left)
-        if right >= 0:
-            keep = keep & (d <= right)
+    if causal or right >= 0:  # with causal the diagonal is the tighter upper bound (right >= 0)
+        keep = j <= (diag if causal else diag + right)
+    if left >= 0:
+        low = j >= diag - left
+        keep = low if keep is None else keep & low
     if kpm_b is not None:
         kp = kpm_b[lo:hi][None, :]
         keep = kp.expand(pos.shape[0], -1) if keep is None else keep & kp
-    return None if keep is None else keep[None, None]
+    if keep is None:
+        return None, False
+    # every row sees a key unless padding is involved or a row's range leaves [lo, hi): pos is ascending, so
+    # the first row has the smallest upper bound and the last row the largest lower bound
+    p0, p1 = int(pos[0]), int(pos[-1])
+    up0 = p0 + offset + (0 if causal else (right if right >= 0 else hi))
+    lo1 = p1 + offset - left if left >= 0 else lo
+    may_be_empty = kpm_b is not None or up0 < max(lo, lo1) or max(lo, lo1) >= hi
+    return keep[None, None], may_be_empty
 
 
 @backends.register("moh_attention", "torch", priority=5, supports=_supports)
@@ -99,8 +106,8 @@ def moh_attention_torch(q, k, v, gates, *, causal=False, scale=None, window=(-1,
                 pos = pos_all[r0:r1]
 
                 def run(qc, kc, vc, pos=pos, lo=lo, hi=hi, kpm_b=kpm_b):
-                    m = _rows_mask(pos, lo, hi, offset, causal, (left, right), kpm_b, q.device)
-                    return sdpa_chunk(qc, kc, vc, scale, m)
+                    m, may_be_empty = _rows_mask(pos, lo, hi, offset, causal, (left, right), kpm_b, q.device)
+                    return sdpa_chunk(qc, kc, vc, scale, m, may_be_empty=may_be_empty)
 
                 args = (qa[:, :, r0:r1], kg[:, :, lo:hi], vg[:, :, lo:hi])
                 outs.append(checkpoint(run, *args, use_reentrant=False) if grad else run(*args))
