@@ -126,7 +126,9 @@ class AutoRow:
 
 
 _KERNEL_ONLY_OPS = ("moh_attention", "dynamic_mask_attention", "lightning_attention", "lightning_decode",
-                    "kha_mlp", "moh_router", "moh_pack_rows")
+                    "kha_mlp")
+# the MoH router and row packing: their reference is already PyTorch-native and O(T) (no torch backend)
+_ROUTER_OPS = ("moh_router", "moh_pack_rows")
 
 AUTO_TABLE: Tuple[AutoRow, ...] = (
     AutoRow("attention", "cuda", "varlen (cu_seqlens), causal/window/GQA",
@@ -138,8 +140,10 @@ AUTO_TABLE: Tuple[AutoRow, ...] = (
     AutoRow("attention_with_kvcache", "cuda", "decode against a contiguous or paged cache",
             ("flash_attn", "torch", "triton", "reference"), ("reference",)),
     *(AutoRow(op, "cuda", "any", ("triton", "torch", "reference"), ("torch", "reference")) for op in _KERNEL_ONLY_OPS),
+    *(AutoRow(op, "cuda", "any", ("triton", "reference"), ("reference",)) for op in _ROUTER_OPS),
     *(AutoRow(op, "other", "any", ("torch", "reference"), ("reference",))
       for op in ("attention", "attention_with_kvcache") + _KERNEL_ONLY_OPS),
+    *(AutoRow(op, "other", "any (the reference is PyTorch-native, O(T))", ("reference",)) for op in _ROUTER_OPS),
 )
 
 
