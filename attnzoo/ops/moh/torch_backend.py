@@ -6,7 +6,7 @@ Per (batch, kv head): the active rows of the group's ``H / Hkv`` query heads are
 window / padding tested against each row's original position, in chunks of packed rows, each chunk over
 just the keys its rows may see), scaled by their gates and scattered back; inactive rows are 0 and their
 gates get no gradient. Chunks are checkpointed under autograd so the backward holds one chunk's mask at a
-time.
+time. Under ``torch.compile`` (no data-dependent sizes in a traced graph) every head is computed and gated.
 """
 
 from __future__ import annotations
@@ -64,6 +64,15 @@ def moh_attention_torch(q, k, v, gates, *, causal=False, scale=None, window=(-1,
     offset = Tk - Tq
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     left, right = int(window[0]), int(window[1])
+    if torch.compiler.is_compiling():
+        # packing needs data-dependent sizes (nonzero, host reads of positions); a traced graph computes every
+        # head through the torch attention backend and applies the gates (same values and gradients)
+        from attnzoo.ops.attention.torch_backend import attention_torch
+
+        o = attention_torch(q, k, v, causal=causal, scale=scale, window=(left, right),
+                            key_padding_mask=key_padding_mask)
+        g = torch.where(gates != 0, gates, gates.detach())  # no gradient into inactive gates
+        return o * g[..., None].to(o.dtype)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.bool()
         k, v = _zero_excluded(k, key_padding_mask), _zero_excluded(v, key_padding_mask)
