@@ -56,28 +56,54 @@ def test_against_reference(b, tq, tk, hkv, g, frac, causal, window, kpm, dtype, 
     assert (got[1][inactive] == 0).all()  # no gradient reaches an inactive query row
 
 
-def test_cost_follows_active_rows():
-    """Only active rows reach the attention: with a quarter of the rows active, the SDPA calls see a
-    quarter of the query rows."""
+@pytest.mark.parametrize("train", [True, False])
+def test_cost_follows_active_rows(train, monkeypatch):
+    """Only active rows reach the attention: with a quarter of the rows active, the attention calls see a
+    quarter of the query rows (training: masked SDPA; inference: the unmasked prefix kernel)."""
     import torch.nn.functional as F
 
+    import attnzoo.ops.attention.torch_backend as ATB
+
     seen = []
-    real = F.scaled_dot_product_attention
+    real_sdpa, real_lse = F.scaled_dot_product_attention, TB.sdpa_with_lse
 
     def spy(q, *a, **k):
         seen.append(q.shape[-2] * q.shape[-3] * q.shape[0])
-        return real(q, *a, **k)
+        return real_sdpa(q, *a, **k)
 
+    def spy_lse(q, *a, **k):
+        seen.append(q.shape[-2] * q.shape[-3] * q.shape[0])
+        return real_lse(q, *a, **k)
+
+    monkeypatch.setattr(TB, "sdpa_with_lse", spy_lse)
     torch.manual_seed(0)
     B, T, H = 1, 64, 4
     q, k, v = torch.randn(B, T, H, 16), torch.randn(B, T, 2, 16), torch.randn(B, T, 2, 16)
+    q.requires_grad_(train)
     gates = torch.zeros(B, T, H)
     gates[:, ::4] = 1.0
-    import attnzoo.ops.attention.torch_backend as ATB
-
     try:
         ATB.F.scaled_dot_product_attention = spy
         moh_attention(q, k, v, gates, causal=True, backend="torch")
     finally:
-        ATB.F.scaled_dot_product_attention = real
+        ATB.F.scaled_dot_product_attention = real_sdpa
     assert sum(seen) == int((gates != 0).sum())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(b=st.integers(1, 2), tq=st.integers(1, 40), tk=st.integers(1, 40), g=st.sampled_from([1, 4]),
+       frac=st.sampled_from([0.3, 1.0]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 9999))
+def test_inference_prefix_band_path(b, tq, tk, g, frac, dtype, seed):
+    """Without gradients, causal rows on CPU split each chunk's keys into an unmasked prefix (SDPA's flash
+    kernel with its lse) and a masked band, merged by lse: the same result by the accuracy rule."""
+    torch.manual_seed(seed)
+    H = 2 * g
+    q = torch.randn(b, tq, H, 16, device=DEV).to(dtype)
+    k, v = (torch.randn(b, tk, 2, 16, device=DEV).to(dtype) for _ in range(2))
+    gates = torch.where(torch.rand(b, tq, H, device=DEV) < frac, 1.0, 0.0).to(dtype)
+    with torch.no_grad():
+        got = moh_attention(q, k, v, gates, causal=True, backend="torch")
+        ref = moh_attention_reference(q.double(), k.double(), v.double(), gates.double(), causal=True)
+        with lowp_reference():
+            low = moh_attention_reference(q, k, v, gates, causal=True)
+    assert_close_by_rule(got, ref, low, "o", dtype=dtype)
