@@ -376,7 +376,7 @@ def main(level: str = "full", out: Optional[Path] = None, plots: bool = True) ->
     path.write_text(json.dumps(data, indent=1) + "\n")
     from benchmarks.suites import cpu_report
 
-    md = cpu_report.write(data, out, plots=plots)
+    md = cpu_report.write(dict(data, _path=str(path)), out, plots=plots)
     print(f"cpu: {len(records)} records -> {path}; {md}")
     return 0
 
