@@ -4,7 +4,10 @@ Each case builds small random float64 inputs; for each backend the inputs are ca
 dtype, the op runs through its public function (so validation runs too), and the outputs and the
 gradients of every floating input are compared with the float64 reference by SPEC §0's rule
 (:mod:`attnzoo.testing`). On a CPU-only machine Triton kernels run through the interpreter
-(``TRITON_INTERPRET=1``, set by the CLI before any kernel module is imported).
+(``TRITON_INTERPRET=1``, set by the CLI before any kernel module is imported). Every registered backend
+is checked: reference, torch, triton, and the engines (flash_attn, xformers) where they import.
+
+Progress: a bar on a terminal; otherwise (a log, CI) one line per checked row, flushed as it happens.
 """
 
 from __future__ import annotations
@@ -169,6 +172,23 @@ class Row:
     note: str = ""
 
 
+LEGEND = (
+    "  max err: the largest |backend - float64 reference| over the output and every gradient, taken at the\n"
+    "           comparison closest to failing (largest err / tol).\n"
+    "  tol:     2 x the error of the same reference evaluated in the row's dtype, plus a floor per dtype\n"
+    "           (SPEC §0's accuracy rule); a row passes when max err <= tol. A reference row is that baseline\n"
+    "           itself: the reference in the row's dtype against float64."
+)
+
+
+def _log_row(done: int, total: int, row: "Row") -> None:
+    """One flushed line per checked row (for logs: stdout/stderr not a terminal)."""
+    err = "" if row.max_err != row.max_err else f" max err {row.max_err:.2e} tol {row.tol:.2e}"
+    note = f" ({row.note})" if row.note else ""
+    sys.stderr.write(f"[{done}/{total}] {row.op} / {row.case} / {row.backend} {row.dtype}: {row.status}{err}{note}\n")
+    sys.stderr.flush()
+
+
 def run_checks(dtypes=None, device=None, progress=True) -> List[Row]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
@@ -177,6 +197,14 @@ def run_checks(dtypes=None, device=None, progress=True) -> List[Row]:
     rows: List[Row] = []
     total = len(cases) * len(dtypes)
     done = 0
+    log_lines = progress and not sys.stdout.isatty()
+    n_rows = sum(len(backends.implementations(c.op)) for c in cases) * len(dtypes)
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        if log_lines:
+            _log_row(len(rows), n_rows, row)
+
     for case in cases:
         inputs = case.make(torch.Generator().manual_seed(0))
         names = [i.backend for i in reversed(backends.implementations(case.op))]  # reference first
@@ -189,7 +217,7 @@ def run_checks(dtypes=None, device=None, progress=True) -> List[Row]:
                 reasons = _why_not_public(case, b, cast)
                 dn = str(dtype).replace("torch.", "")
                 if reasons:
-                    rows.append(Row(case.op, case.name, b, dn, "skip", note="; ".join(reasons)[:90]))
+                    add(Row(case.op, case.name, b, dn, "skip", note="; ".join(reasons)[:90]))
                     continue
                 try:
                     if ref_lo is None:
@@ -202,13 +230,13 @@ def run_checks(dtypes=None, device=None, progress=True) -> List[Row]:
                         if not ok or err / tol >= (worst_err / worst_tol if worst_tol else -1):
                             worst_ok, worst_err, worst_tol = worst_ok and ok, err, tol
                         worst_ok = worst_ok and ok
-                    rows.append(Row(case.op, case.name, b, dn, "pass" if worst_ok else "FAIL", worst_err, worst_tol))
+                    add(Row(case.op, case.name, b, dn, "pass" if worst_ok else "FAIL", worst_err, worst_tol))
                 except Exception as e:  # a crash is a failure, reported in the table
-                    rows.append(Row(case.op, case.name, b, dn, "FAIL", note=f"{type(e).__name__}: {e}"[:90]))
+                    add(Row(case.op, case.name, b, dn, "FAIL", note=f"{type(e).__name__}: {e}"[:90]))
             done += 1
-            if progress:
+            if progress and not log_lines:
                 _progress(done, total, f"{case.op} / {case.name}")
-    if progress:
+    if progress and not log_lines:
         sys.stderr.write("\n")
     return rows
 
@@ -253,4 +281,4 @@ def format_table(rows: List[Row]) -> str:
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body] + ["", LEGEND])

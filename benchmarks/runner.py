@@ -496,10 +496,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     names = args.suites or list(S.NAMES)
-    unknown = [n for n in names if n not in S.NAMES]
+    unknown = [n for n in names if n not in S.NAMES and n not in S.CPU_NAMES]
     if unknown:
-        print(f"attnzoo bench: unknown suite(s) {', '.join(unknown)}; known: {', '.join(S.NAMES)}", file=sys.stderr)
+        print(f"attnzoo bench: unknown suite(s) {', '.join(unknown)}; known: {', '.join(S.NAMES + S.CPU_NAMES)}",
+              file=sys.stderr)
         return 2
+    cpu_names = [n for n in names if n in S.CPU_NAMES]
+    if cpu_names:  # the CPU suite runs anywhere, by its own driver (subprocesses, time and peak memory)
+        from benchmarks.suites import cpu
+
+        if args.dry_run:
+            for c in cpu.cases("quick" if args.quick else "full"):
+                print(f"cpu  {c['name']:40s} providers: {', '.join(c['providers'])}")
+        else:
+            out = None if args.out.resolve() == DEFAULT_RESULTS.resolve() else args.out / "cpu"
+            rc = cpu.main("quick" if args.quick else "full", out, plots=not args.no_plots)
+            if rc:
+                return rc
+        names = [n for n in names if n not in S.CPU_NAMES]
+        if not names:
+            return 0
     level = "tiny" if args.smoke else "quick" if args.quick else "full"
     dtype_name = DTYPES[args.dtype]
     report_path = _report_path(args)

@@ -155,11 +155,12 @@ def test_decay_paper_and_none():
 # op validation and dispatch
 
 
-def test_auto_picks_reference_on_cpu():
+def test_auto_picks_torch_on_cpu():
+    """The auto table sends lightning on CPU to the chunked torch backend (O(T)), never the interpreter."""
     q, k, v, s, _ = _inputs(1, 4, 2, 4, 4, decay=0.5, h0=False, dtype=torch.float32)
     impl = backends.select("lightning_attention", "auto", q=q, k=k, v=v, decay=s, scale=1.0, initial_state=None,
                            output_final_state=False, cu_seqlens=None)
-    assert impl.backend == "reference"
+    assert impl.backend == "torch"
 
 
 def test_scalar_decay_and_defaults():
@@ -244,11 +245,12 @@ def test_module_decode_through_cache_equals_full_forward(kw):
         assert cache2.seq_len == 22
 
 
-def test_module_forward_backward_cpu_uses_reference():
+def test_module_forward_backward_cpu_uses_torch():
+    """On CPU the module's auto backend is the chunked torch backend (the auto table), and training works."""
     m = _module()
     x = torch.randn(2, 9, 32, requires_grad=True)
     calls = []
-    impl = backends._REGISTRY["lightning_attention"]["reference"]
+    impl = backends._REGISTRY["lightning_attention"]["torch"]
     orig = impl.fn
     try:
         object.__setattr__(impl, "fn", lambda **kw: calls.append(1) or orig(**kw))

@@ -1,6 +1,6 @@
-"""The backend registry (DESIGN "Backends"): auto on CPU picks the reference, why_not lists reasons per
-backend, forcing a backend that cannot run lists them, auto never picks the Triton CPU interpreter, and on
-CUDA a fallback to the reference warns once."""
+"""The backend registry (DESIGN "Backends"): auto follows the one written table (on CPU every op goes to
+the "torch" backend), why_not lists reasons per backend, forcing a backend that cannot run lists every
+backend's reasons, auto never picks the Triton CPU interpreter, and on CUDA a fallback warns once."""
 
 import warnings
 
@@ -23,20 +23,84 @@ def attention_inputs(device="cpu"):
                 key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False)
 
 
-def test_public_ops_are_registered_with_a_reference():
-    for op in ("attention", "attention_with_kvcache", "moh_attention", "dynamic_mask_attention"):
+def test_public_ops_are_registered_with_a_reference_and_torch():
+    for op in ("attention", "attention_with_kvcache", "moh_attention", "dynamic_mask_attention",
+               "lightning_attention", "lightning_decode"):
         assert op in backends.ops()
-        assert any(i.backend == "reference" for i in backends.implementations(op))
+        assert {"reference", "torch"} <= {i.backend for i in backends.implementations(op)}
 
 
-def test_auto_on_cpu_selects_the_reference():
+def test_auto_on_cpu_selects_the_torch_backend():
     inputs = attention_inputs()
     impl = backends.select("attention", "auto", **inputs)
-    assert impl.backend == "reference" and impl.op == "attention"
-    # and running it is the reference computation
-    torch.testing.assert_close(impl.fn(**inputs), attention_reference(**inputs), atol=0, rtol=0)
+    assert impl.backend == "torch" and impl.op == "attention"
+    # and running it computes attention: the reference's result within fp32 rounding
+    torch.testing.assert_close(impl.fn(**inputs), attention_reference(**inputs))
     torch.testing.assert_close(backends.dispatch("attention", "auto", **inputs), attention_reference(**inputs))
     assert backends.select("attention", "reference", **inputs).backend == "reference"
+
+
+def test_auto_table_on_cpu_picks_torch_for_every_op():
+    rows = backends.auto_table(torch.device("cpu"))
+    ops = {r["op"] for r in rows}
+    assert {"attention", "attention_with_kvcache", "moh_attention", "dynamic_mask_attention",
+            "lightning_attention", "lightning_decode"} <= ops
+    for r in rows:
+        assert r["device"] == "other" and r["order"][-1] == "reference"
+        assert "triton" not in r["order"]  # never the interpreter
+        if r["op"] in ("attention", "attention_with_kvcache", "moh_attention", "dynamic_mask_attention",
+                       "lightning_attention", "lightning_decode"):
+            assert r["picks"] == "torch", r
+    text = backends.format_auto_table(torch.device("cpu"))
+    assert "attention" in text and "torch" in text
+
+
+def test_auto_table_on_cuda_rows():
+    """The written policy for CUDA: proven engines for the features they cover, Triton for the rest."""
+    rows = backends.auto_table(torch.device("cuda"))
+    by = {(r["op"], r["when"]): r for r in rows}
+    plain = next(r for (op, when), r in by.items() if op == "attention" and when.startswith("plain"))
+    assert plain["order"][:2] == ["flash_attn", "torch"]
+    varlen = next(r for (op, when), r in by.items() if op == "attention" and when.startswith("varlen"))
+    assert varlen["order"][:3] == ["flash_attn", "xformers", "torch"]
+    masked = next(r for (op, when), r in by.items() if op == "attention" and "bias" in when)
+    assert masked["order"][0] == "triton" and "torch" in masked["fallback"]
+    for op in ("moh_attention", "dynamic_mask_attention", "lightning_attention", "kha_mlp"):
+        assert next(r for r in rows if r["op"] == op)["order"][0] == "triton"
+
+
+def test_auto_row_matches_features(monkeypatch):
+    monkeypatch.setattr(backends, "_device_of", lambda inputs: torch.device("cuda"))
+    i = attention_inputs()
+    assert backends.auto_row("attention", i).when.startswith("plain")
+    assert "bias" in backends.auto_row("attention", {**i, "bias": torch.zeros(1)}).when
+    assert "bias" in backends.auto_row("attention", {**i, "key_padding_mask": torch.ones(1, 4, dtype=torch.bool)}).when
+    assert backends.auto_row("attention", {**i, "cu_seqlens_q": torch.zeros(2)}).when.startswith("varlen")
+
+
+def test_auto_on_cuda_warns_once_when_a_masked_attention_falls_back_to_torch(monkeypatch):
+    """A bias on CUDA belongs to the Triton kernels; without them auto runs torch, but never silently."""
+    monkeypatch.setattr(backends, "_device_of", lambda inputs: torch.device("cuda"))
+    i = {**attention_inputs(), "bias": torch.zeros(1, 1, 4, 4)}
+    for key in [k for k in backends._warned if k[0] == "attention"]:
+        backends._warned.discard(key)
+    # the inputs live on the CPU, so triton's own supports() says why not (no CUDA tensor / interpreter off)
+    monkeypatch.setitem(backends._REGISTRY["attention"], "triton", backends.Implementation(
+        "attention", "triton", lambda **kw: None, lambda **_: ["triton is not installed (test)"], 10))
+    with pytest.warns(UserWarning, match="triton is not installed"):
+        assert backends.select("attention", "auto", **i).backend == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select("attention", "auto", **i).backend == "torch"
+
+
+def test_unavailable_error_lists_every_backend():
+    i = {**attention_inputs(), "q": attention_inputs()["q"].to(torch.int32)}
+    with pytest.raises(BackendUnavailableError) as e:
+        backends.select("attention", "torch", **i)
+    msg = str(e.value)
+    for b in ("torch", "triton", "cuda", "flash_attn", "xformers"):
+        assert f"- {b}:" in msg, (b, msg)
 
 
 def test_why_not_lists_reasons_for_every_backend():
@@ -59,7 +123,8 @@ def test_bad_backend_name_and_unknown_op():
         backends.select("no_such_op", "auto")
 
 
-def test_public_ops_auto_equals_reference_on_cpu():
+def test_public_ops_auto_runs_torch_on_cpu():
+    """auto on CPU is the torch backend (bitwise), and it computes what the reference does."""
     i = attention_inputs()
     q, k, v = i["q"], i["k"], i["v"]
     for fn, args, kw in [
@@ -67,8 +132,11 @@ def test_public_ops_auto_equals_reference_on_cpu():
         (attnzoo.moh_attention, (q, k, v, torch.rand(1, 4, 2)), dict(causal=True)),
         (attnzoo.dynamic_mask_attention, (q, k, v, torch.randn(1, 2, 4)), dict(keep_window=2)),
         (attnzoo.attention_with_kvcache, (q[:, -1:], k, v, torch.tensor([4], dtype=torch.int32)), {}),
+        (attnzoo.lightning_attention, (q, k, v), dict(decay=0.1)),
     ]:
-        torch.testing.assert_close(fn(*args, **kw), fn(*args, **kw, backend="reference"), atol=0, rtol=0)
+        auto = fn(*args, **kw)
+        torch.testing.assert_close(auto, fn(*args, **kw, backend="torch"), atol=0, rtol=0)
+        torch.testing.assert_close(auto, fn(*args, **kw, backend="reference"))
 
 
 # ----------------------------------------------------------------------------------------------------

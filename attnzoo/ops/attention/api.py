@@ -172,9 +172,11 @@ def attention(
             graph break, no sync) and the values are trusted -- too small a value leaves rows uncomputed.
             The reference backend ignores them.
         return_lse: also return the fp32 log-sum-exp ``[B, H, Tq]`` (varlen ``[H, Nq]``).
-        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` (the table in :data:`attnzoo.backends.AUTO_TABLE`), ``"reference"``,
+            ``"torch"`` (SDPA + chunked masks, any device), ``"triton"``, ``"flash_attn"``, ``"xformers"``
+            or ``"cuda"``.
 
-    Rows that see no key output 0 with lse ``-inf`` and get zero gradients.
+    Rows that see no key output 0 with lse ``-inf`` and get zero gradients (docs/masking.md).
     """
     window = validate_attention(
         q, k, v, causal=causal, scale=scale, window=window, bias=bias, mask=mask, block_mask=block_mask,
@@ -220,7 +222,8 @@ def attention_with_kvcache(
             (default True: decoding is causal).
         scale, window: as in :func:`attention`.
         return_lse: also return the fp32 log-sum-exp ``[B, H, Tn]``.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (the Triton decode kernel is inference-only).
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"flash_attn"`` (the Triton
+            and flash-attn decode paths are inference-only).
 
     Returns ``o [B, Tn, H, Dv]`` (and ``lse``).
     """

@@ -97,15 +97,20 @@ def softmax_attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense masked softmax attention on BTHD tensors already in the compute dtype.
 
-    Returns ``o [B, Tq, H, Dv]`` and ``lse [B, H, Tq]``. Rows with no visible key give ``o = 0`` and
-    ``lse = -inf``; their gradients are 0 (the fill value is a constant, never ``-inf - -inf``).
+    Returns ``o [B, Tq, H, Dv]`` and ``lse [B, H, Tq]``. A key is excluded where ``keep`` is False or the
+    bias is ``-inf``. Rows with no visible key give ``o = 0`` and ``lse = -inf``; their gradients are 0
+    (the fill value is a constant, never ``-inf - -inf``). See docs/masking.md.
     """
     H = q.shape[2]
     k = expand_kv_heads(k, H, 2)
     v = expand_kv_heads(v, H, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if bias is not None:
-        s = s + expand_kv_heads(bias.to(s.dtype), H, 1)
+        bias = expand_kv_heads(bias.to(s.dtype), H, 1)
+        s = s + bias
+        # a bias of -inf excludes its key, like False in a mask (a finite bias, even finfo.min, is arithmetic)
+        finite = bias > float("-inf")
+        keep = finite if keep is None else keep & finite
     if keep is not None:
         keep = keep.expand_as(s)
         row_any = keep.any(dim=-1, keepdim=True)
@@ -168,6 +173,10 @@ def attention_reference(
         return (o, lse) if return_lse else o
     B, Tq, H, _ = q.shape
     Tk = k.shape[1]
+    if key_padding_mask is not None:
+        # padded slots are never read: zero them so NaN/inf there cannot leak through 0 * NaN in P @ V
+        real = key_padding_mask.to(q.device).bool()[:, :, None, None]
+        k, v = k.masked_fill(~real, 0), v.masked_fill(~real, 0)
     keep = visibility(
         B, H, Tq, Tk, causal=causal, window=window, mask=mask, block_mask=block_mask,
         key_padding_mask=key_padding_mask, device=q.device,

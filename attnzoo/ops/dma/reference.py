@@ -63,4 +63,5 @@ def dynamic_mask_attention_reference(
     q, k, v, bias, *, keep_window, causal=True, scale=None, key_padding_mask=None
 ):
     keep = dma_selection(q, k, bias, keep_window, causal, key_padding_mask)
-    return attention_reference(q, k, v, scale=scale, bias=bias[:, :, None, :], mask=keep)
+    return attention_reference(q, k, v, scale=scale, bias=bias[:, :, None, :], mask=keep,
+                               key_padding_mask=key_padding_mask)

@@ -44,7 +44,8 @@ def kha_mlp(
         v: ``[..., D]`` (typically ``[B, T, Hkv, D]``), any strides; D up to 256.
         w_up, w_gate, w_down: ``[D, D]``, acting on row vectors (``x @ W``). At init ``W_up = W_down = I``,
             ``W_gate = 0`` gives ``v`` back.
-        backend: ``"auto"``, ``"reference"`` (fp32 math, any device) or ``"triton"`` (fused kernel; the
+        backend: ``"auto"``, ``"reference"`` (fp32 math, any device), ``"torch"`` (v's dtype, any device)
+            or ``"triton"`` (fused kernel; the
             weights are cast to v's dtype, fp32 accumulation).
 
     Returns ``V~`` with v's shape and dtype, differentiable in v and all three weights.

@@ -116,7 +116,7 @@ def lightning_attention(
         cu_seqlens: int32 ``[n_seqs + 1]`` boundaries of sequences packed as ``[1, N, H, D]`` (B == 1, as in
             flash-linear-attention) or ``[N, H, D]`` (SPEC §0); the state restarts at every boundary from
             ``initial_state[i]`` (zero when None). The output has the input's rank.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` (chunked, O(T), any device) or ``"triton"``.
 
     Returns ``o`` shaped like ``q`` with last dim ``Dv``, or ``(o, final_state)``.
     """

@@ -1,0 +1,31 @@
+"""KHA-MLP's "torch" backend (SPEC §4) against the fp32 reference by the accuracy rule (output and the
+gradients of v and the three weights)."""
+
+import pytest
+import torch
+
+from attnzoo.ops.knocking import reference as R
+from attnzoo.ops.knocking.api import kha_mlp
+from attnzoo.testing import assert_accuracy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [8, 64])
+def test_against_reference(dtype, D):
+    g = torch.Generator().manual_seed(D)
+    v = torch.randn(2, 9, 3, D, generator=g)
+    ws = [torch.randn(D, D, generator=g) * D**-0.5 for _ in range(3)]
+    do = torch.randn(2, 9, 3, D, generator=g)
+
+    def run(fn, vd, wd):
+        ins = [v.to(vd).requires_grad_()] + [w.to(wd).requires_grad_() for w in ws]
+        o = fn(*ins)
+        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
+
+    got = run(lambda *a: kha_mlp(*a, backend="torch"), dtype, torch.float32)
+    hi = run(R.kha_mlp, torch.float64, torch.float64)
+    # the reference in the backend's own precision: every product in dtype
+    lo = run(lambda v_, a, b, c: 2.0 * ((v_ @ a.to(v_.dtype)) * torch.sigmoid(v_ @ b.to(v_.dtype))) @ c.to(v_.dtype),
+             dtype, torch.float32)
+    for name, a, b, c in zip(("o", "dv", "dw_up", "dw_gate", "dw_down"), got, hi, lo):
+        assert_accuracy(a.detach(), b.detach(), c.detach(), name, dtype)
