@@ -54,6 +54,8 @@ def info(print_it: bool = True) -> str:
             inputs[k] = v
         for b, rs in backends.why_not(case.op, **_dispatch_kwargs(case, inputs)).items():
             lines.append(f"  {case.op:<24} {b:<10} " + ("yes" if not rs else "no:  " + "; ".join(rs)))
+    lines += ["", f"the auto policy on {device} (backends.AUTO_TABLE: op, when, order tried -> what auto picks here):"]
+    lines += ["  " + ln for ln in backends.format_auto_table(torch.device(device)).splitlines()]
     text = "\n".join(lines)
     if print_it:
         print(text)

@@ -61,6 +61,10 @@ def test_bench_runs_the_suites_of_the_checkout(capsys, monkeypatch, tmp_path):
     assert "suite decode:" in capsys.readouterr().out
 
 
-def test_info_says_auto_never_picks_the_interpreter(capsys):
+def test_info_says_auto_never_picks_the_interpreter_and_prints_the_auto_table(capsys):
     assert cli.main(["info"]) == 0
-    assert "never a Triton kernel running through the CPU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "never a Triton kernel running through the CPU" in out
+    assert "the auto policy on cpu" in out
+    # on a CPU machine auto picks the torch engine for the softmax core
+    assert any(ln.split()[:1] == ["attention"] and ln.rstrip().endswith("-> torch") for ln in out.splitlines()), out
