@@ -118,14 +118,14 @@ def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left,
                     em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dst = pt * (dpt - delta[None, :])  # dS^T = d loss / d (scores incl. bias), [N, M]
     if DB_MODE == 1:  # per-query bias: the tile itself
         _db_store(db_base + qi.to(tl.int64) * sdbm + kj * sdbn, dst, (qi < Tq) & (kj < Tk), DB_ACCUM)
     if DB_MODE == 2:  # per-key bias: sum over the query rows, kept in registers
         db_row += tl.sum(dst, 1)
-    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv, db_row
 
 
@@ -135,13 +135,13 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdbb, sdbh, sdbm, sdbn,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
-    H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
+    H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
     scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
     DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Here the block-mask lists are transposed: per (b, h, key block) the query blocks that see it,
@@ -268,7 +268,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left
     ds = p * (dp - delta[:, None])
     if STORE_DS:  # (kept for callers outside the core, e.g. MoH; the core's dbias comes from dK/dV)
         tl.store(ds_base + qi.to(tl.int64) * sdsm + kj * sdsn, ds, mask=inb)
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
@@ -278,12 +278,12 @@ def _attn_bwd_dq_kernel(
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdqb, sdqt, sdqh, sdqd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
-    H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
+    H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
     scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)

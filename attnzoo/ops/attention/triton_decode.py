@@ -41,13 +41,13 @@ from attnzoo.ops.attention import triton_fwd as F
 MAX_ROWS_PER_PROGRAM = 64
 
 
-@triton.jit(do_not_specialize=["Tn", "G", "Hkv", "D", "DV", "page_size", "keys_per_split", "win_left",
+@triton.jit(do_not_specialize=["Tn", "G", "Hkv", "page_size", "keys_per_split", "win_left",
                                "win_right", "R"])
 def _decode_kernel(
     Q, K, V, Lens, BT, Gates, OP, LP,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sbtb, sbtp, sgb, sgt, sgh,
     sopb, soph, sops, sopr, sopd, slpb, slph, slps, slpr,
-    Tn, G, Hkv, D, DV, R, page_size, keys_per_split, scale_log2, win_left, win_right,
+    Tn, G, Hkv, D: tl.constexpr, DV: tl.constexpr, R, page_size, keys_per_split, scale_log2, win_left, win_right,
     PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_GATES: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -113,7 +113,7 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_off[:, None] + hkv * svh + offs_dv[None, :] * svd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -126,12 +126,12 @@ def _decode_kernel(
     tl.store(LP + b64 * slpb + hkv * slph + pid_s * slps + offs_r * slpr, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["S", "G", "Hkv", "Tn", "DV", "R"])
+@triton.jit(do_not_specialize=["S", "G", "Hkv", "Tn", "R"])
 def _decode_merge_kernel(
     OP, LP, O, LSE, Gates,
     sopb, soph, sops, sopr, sopd, slpb, slph, slps, slpr,
     sob, sot, soh, sod, slb, slh, slt, sgb, sgt, sgh,
-    S, G, Hkv, Tn, DV, R,
+    S, G, Hkv, Tn, DV: tl.constexpr, R,
     HAS_GATES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over (b, hkv, r)

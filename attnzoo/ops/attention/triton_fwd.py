@@ -42,7 +42,7 @@ LN2 = 0.6931471805599453
 
 # Scalar int args that may be 1 must not be specialized into constants (keeps one compiled kernel and
 # avoids constexpr/tensor type mixing in min/max); strides may be.
-_NO_SPEC = ["H", "G", "Tq_arg", "Tk_arg", "D", "DV", "Mq_bm", "Nk_bm", "win_left", "win_right",
+_NO_SPEC = ["H", "G", "Tq_arg", "Tk_arg", "Mq_bm", "Nk_bm", "win_left", "win_right",
             "bias_hdiv", "mask_hdiv", "Q_BUCKET", "K_BUCKET"]
 
 
@@ -135,7 +135,7 @@ def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_ri
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
                 mask=(offs_n[:, None] < Tk) & (offs_dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -163,12 +163,12 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, slb, slh, slt,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
-    H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
+    H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
     scale_log2, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)

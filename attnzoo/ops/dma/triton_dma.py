@@ -29,7 +29,7 @@ import triton.language as tl
 from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.dma.selection import SKIP_BLOCK
 
-_NO_SPEC = ["H", "G", "HB_DIV", "Tq", "Tk", "D", "DV", "NBLK"]
+_NO_SPEC = ["H", "G", "HB_DIV", "Tq", "Tk", "NBLK"]
 LOG2E = 1.4426950408889634
 
 
@@ -99,7 +99,7 @@ def _dma_fwd_kernel(
     Q, K, V, O, LSE, Bias, Rank, Cut, BMin,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
     sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
 ):
@@ -132,7 +132,7 @@ def _dma_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
                         mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -148,7 +148,7 @@ def _dma_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, Bias, Rank, Cut, BMin,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     sdqb, sdqt, sdqh, sdqd, sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2, scale,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2, scale,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
 ):
@@ -180,7 +180,7 @@ def _dma_bwd_dq_kernel(
             p = tl.math.exp2(tl.where(keep, s - lse2[:, None], float("-inf")))
             dp = tl.dot(do, vt, input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows_q[:, None] * sdqt + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -191,7 +191,7 @@ def _dma_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DVo, DB, Bias, Rank, Cut,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2, scale,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2, scale,
     CAUSAL: tl.constexpr, NEED_DB: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -245,12 +245,12 @@ def _dma_bwd_dkdv_kernel(
                 keep = tl.trans(_keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL))
                 lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
                 pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
                 dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 dst = pt * (dpt - delta[None, :])
                 if NEED_DB:
                     db_row += tl.sum(dst, 1)
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
         if NEED_DB:
             tl.store(DB + (b64 * H + h) * Tk + offs_n, db_row, mask=col_ok)
     dk = dk * scale

@@ -42,7 +42,7 @@ from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
 from attnzoo.ops.attention.triton_fwd import _fwd_inner, _visible
 from attnzoo.ops.moh.triton_router import pack_active_rows_triton
 
-_NO_SPEC = ["H", "G", "Tq", "Tk", "D", "DV", "win_left", "win_right", "BH", "T_rows"]
+_NO_SPEC = ["H", "G", "Tq", "Tk", "win_left", "win_right", "BH", "T_rows"]
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _moh_fwd_kernel(
     Q, K, V, O, LSE, Gates, KPM, Rows, Counts, TileOff,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
     slb, slh, slt, sgb, sgt, sgh, skpb, skpn,
-    BH, H, G, Tq, Tk, D, DV, T_rows, scale_log2, win_left, win_right,
+    BH, H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -152,7 +152,7 @@ def _moh_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, Gates, KPM, Rows, Counts, TileOff,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     slb, slh, slt, sdqb, sdqt, sdqh, sdqd, sgb, sgt, sgh, skpb, skpn,
-    BH, H, G, Tq, Tk, D, DV, T_rows, scale_log2, scale, win_left, win_right,
+    BH, H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, scale, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -192,7 +192,7 @@ def _moh_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Counts,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     slb, slh, slt, sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sgb, sgt, sgh, skpb, skpn,
-    H, G, Tq, Tk, D, DV, T_rows, scale_log2, scale, win_left, win_right,
+    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, scale, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -243,10 +243,10 @@ def _moh_bwd_dkdv_kernel(
                 keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
                                 K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False)
                 pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
                 dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
