@@ -70,7 +70,10 @@ import triton
 import triton.language as tl
 
 from attnzoo.ops.attention import triton_fwd as F
-from attnzoo.ops.attention.triton_fwd import _NO_SPEC, _seq_bounds, _visible
+from attnzoo.ops.attention.triton_common_jit import (
+    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, seq_bounds as _seq_bounds, visible as _visible,
+)
+from attnzoo.ops.attention.triton_fwd import _NO_SPEC
 
 _NO_SPEC_DKDV = _NO_SPEC + ["db_hdiv", "NB_IN", "NH_IN"]
 
@@ -91,41 +94,53 @@ def _db_store(ptrs, val, ok, ACCUM: tl.constexpr):
 
 @triton.jit
 def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                  q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                  q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D: tl.constexpr, DV: tl.constexpr,
                   bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
                   db_base, sdbm, sdbn, scale_log2,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BOUNDARY: tl.constexpr):
+    """One query tile of the dK/dV loop. ``BOUNDARY``: the tile (or this key tile) may cross a sequence
+    end or the causal/window band; otherwise both tiles are full and every pair is inside the band, so
+    no bounds or band test is made (data masks still apply)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = offs_m.to(tl.int64)
-    row_ok = offs_m < Tq
-    q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(lse_base + rows * slt, mask=row_ok, other=0.0)
-    delta = tl.load(delta_base + rows * slt, mask=row_ok, other=0.0)
+    row_ok = offs_m < Tq if BOUNDARY else offs_m >= 0
+    if BOUNDARY:
+        q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(lse_base + rows * slt, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows * slt, mask=row_ok, other=0.0)
+    else:
+        q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=offs_d[None, :] < D, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, mask=offs_dv[None, :] < DV, other=0.0)
+        lse = tl.load(lse_base + rows * slt)
+        delta = tl.load(delta_base + rows * slt)
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
     qi = offs_m[None, :]
     kj = offs_n[:, None]
     if HAS_BIAS:
-        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
-        st += bv.to(tl.float32) * 1.4426950408889634
-    keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                    em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dst = pt * (dpt - delta[None, :])  # dS^T = d loss / d (scores incl. bias), [N, M]
+        if BOUNDARY:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        else:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn)
+        st += bv.to(tl.float32) * LOG2E_C
+    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
+    keep = qi  # unused unless MASKED
+    if MASKED:
+        keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+    dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse_log2(lse), delta, DOT_PREC, MASKED)
+    # dst: dS^T = d loss / d (scores incl. bias), [N, M]
     if DB_MODE == 1:  # per-query bias: the tile itself
         _db_store(db_base + qi.to(tl.int64) * sdbm + kj * sdbn, dst, (qi < Tq) & (kj < Tk), DB_ACCUM)
     if DB_MODE == 2:  # per-key bias: sum over the query rows, kept in registers
         db_row += tl.sum(dst, 1)
-    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv, db_row
 
 
@@ -168,6 +183,9 @@ def _attn_bwd_dkdv_kernel(
             col_ok = offs_n < Tk
             diag = Tk - Tq
             kpm_base = KPM + b64 * skpb + k0 * 0
+            kv_ok = col_ok
+            if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+                kv_ok = kv_ok & (tl.load(kpm_base + offs_n * skpn, mask=col_ok, other=0) != 0)
             # query range [lo, hi) whose causal/window band reaches this key tile
             lo = Tq * 0
             hi = Tq
@@ -178,9 +196,9 @@ def _attn_bwd_dkdv_kernel(
             for hi_ in range(0, NH_IN):
                 hkv = h_grp * NH_IN + hi_
                 k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                            mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
                 v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                            mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
                 dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
                 for g in range(0, G):
@@ -216,7 +234,7 @@ def _attn_bwd_dkdv_kernel(
                                             db_base, sdbm, sdbn, scale_log2,
                                             HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
                                             HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                            DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                            DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     else:
                         lo_m = (lo // BLOCK_M) * BLOCK_M
                         for start_m in range(lo_m, hi, BLOCK_M):
@@ -226,7 +244,7 @@ def _attn_bwd_dkdv_kernel(
                                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
                                 db_base, sdbm, sdbn, scale_log2,
                                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     if DB_MODE == 2:
                         _db_store(db_base + offs_n * sdbn, db_row, col_ok, DB_ACCUM)
 
@@ -239,36 +257,40 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-                 k_base, v_base, skt, skd, svt, svd, D, DV,
+                 k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
                  bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                 ds_base, sdsm, sdsn, scale_log2,
+                 scale_log2,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOUNDARY: tl.constexpr):
+    """One key tile of the dQ loop (also used by MoH); ``BOUNDARY`` as in the forward's ``_fwd_inner``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_k = offs_n.to(tl.int64)
-    col_ok = offs_n < Tk
-    k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd,
-                 mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    k_ok = offs_n < Tk if BOUNDARY else offs_n >= 0
+    if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+        k_ok = k_ok & (tl.load(kpm_base + offs_n * skpn, mask=offs_n < Tk, other=0) != 0)
+    if BOUNDARY or HAS_KPM:
+        k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd,
+                    mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd,
+                     mask=k_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    else:
+        k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd, mask=offs_d[None, :] < D, other=0.0)
+        vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd, mask=offs_dv[:, None] < DV, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
     qi = offs_m[:, None]
     kj = offs_n[None, :]
-    inb = (qi < Tq) & (kj < Tk)
     if HAS_BIAS:
-        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=inb, other=0.0)
-        s += bv.to(tl.float32) * 1.4426950408889634
-    keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                    em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
-    p = tl.math.exp2(tl.where(keep, s - lse2[:, None], float("-inf")))
-    dp = tl.dot(do, vt, input_precision=DOT_PREC)
-    ds = p * (dp - delta[:, None])
-    if STORE_DS:  # (kept for callers outside the core, e.g. MoH; the core's dbias comes from dK/dV)
-        tl.store(ds_base + qi.to(tl.int64) * sdsm + kj * sdsn, ds, mask=inb)
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        s += bv.to(tl.float32) * LOG2E_C
+    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
+    keep = qi  # unused unless MASKED
+    if MASKED:
+        keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+    dq, _ds = dq_step(dq, do, k, vt, s, keep, lse2, delta, DOT_PREC, MASKED)
     return dq
 
 
@@ -307,7 +329,7 @@ def _attn_bwd_dq_kernel(
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    lse2 = lse_log2(lse)
     k_base = K + b64 * skb + hkv * skh + k0.to(tl.int64) * skt
     v_base = V + b64 * svb + hkv * svh + k0.to(tl.int64) * svt
     bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
@@ -341,9 +363,9 @@ def _attn_bwd_dq_kernel(
                             dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            Q, 0, 0, scale_log2,
+                            scale_log2,
                             HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False, HAS_LEFT, HAS_RIGHT,
-                            False, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV)
+                            DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
         for start_n in range(lo, hi, BLOCK_N):
@@ -351,9 +373,9 @@ def _attn_bwd_dq_kernel(
                 dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                Q, 0, 0, scale_log2,
-                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
-                BLOCK_N, BLOCK_D, BLOCK_DV)
+                scale_log2,
+                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
 
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows_q[:, None] * sdqt + offs_d[None, :] * sdqd,

@@ -36,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as F
+from attnzoo.ops.attention.triton_common_jit import softmax_finish, softmax_step
 
 MAX_ROWS_PER_PROGRAM = 64
 
@@ -106,20 +108,11 @@ def _decode_kernel(
             if HAS_RIGHT:
                 keep = keep & (dd <= win_right)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_off[:, None] + hkv * svh + offs_dv[None, :] * svd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = softmax_finish(acc, l_i, m_i)
     base_o = OP + b64 * sopb + hkv * soph + pid_s * sops
     tl.store(base_o + offs_r[:, None] * sopr + offs_dv[None, :] * sopd, o,
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -185,12 +178,12 @@ def decode_launch(
     R = G * Tn
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    o = F.new_output((B, Tn, H, DV), dtype=q.dtype, device=q.device)
-    lse = F.new_output((B, H, Tn), dtype=torch.float32, device=q.device)
+    o = TC.new_output((B, Tn, H, DV), dtype=q.dtype, device=q.device)
+    lse = TC.new_output((B, H, Tn), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    interp = F.interpreter()
-    bd = F.head_block(max(D, DV))
+    interp = TC.interpreter()
+    bd = TC.head_block(max(D, DV))
     row_bytes = bd * q.element_size()  # bytes of one K (or V) row in shared memory
     block_n = 16 if interp else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
     num_stages = 3 if q.element_size() == 2 else 2
@@ -205,8 +198,8 @@ def decode_launch(
     keys_per_split = triton.cdiv(n_tiles, splits) * block_n
     splits = triton.cdiv(capacity, keys_per_split) if capacity > 0 else 1
 
-    op = F.new_output((B, Hkv, splits, R, DV), dtype=torch.float32, device=q.device)
-    lp = F.new_output((B, Hkv, splits, R), dtype=torch.float32, device=q.device)
+    op = TC.new_output((B, Hkv, splits, R, DV), dtype=torch.float32, device=q.device)
+    lp = TC.new_output((B, Hkv, splits, R), dtype=torch.float32, device=q.device)
     right = 0 if causal else window_right
     bt = block_table if paged else cache_seqlens
     has_gates = gates is not None
@@ -217,15 +210,15 @@ def decode_launch(
         *(block_table.stride() if paged else (0, 0)), *g_strides,
         *op.stride(), *lp.stride(),
         Tn, G, Hkv, D, DV, R, k_cache.shape[1] if paged else 1, keys_per_split,
-        scale * F.LOG2E, max(window_left, 0), max(right, 0),
+        scale * TC.LOG2E, max(window_left, 0), max(right, 0),
         PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0, HAS_GATES=has_gates,
-        DOT_PREC=F.dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=F.head_block(D),
-        BLOCK_DV=F.head_block(DV), num_warps=4, num_stages=num_stages,
+        DOT_PREC=F.dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=TC.head_block(D),
+        BLOCK_DV=TC.head_block(DV), num_warps=4, num_stages=num_stages,
     )
     _decode_merge_kernel[(B * Hkv * R,)](
         op, lp, o, lse, g_arg, *op.stride(), *lp.stride(), *o.stride(), *lse.stride(), *g_strides,
         splits, G, Hkv, Tn, DV, R,
-        HAS_GATES=has_gates, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=F.head_block(DV), num_warps=4,
+        HAS_GATES=has_gates, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=TC.head_block(DV), num_warps=4,
     )
     return o, lse
 

@@ -30,44 +30,23 @@ This module imports triton: import it lazily (``attnzoo.ops.attention.triton_bac
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from attnzoo.ops.triton_common import (  # noqa: F401  (re-exported: kernel modules use F.interpreter() etc.)
+    LN2, LOG2E, fill_nan, head_block, interpreter, length_bucket, new_output, tuning_configs,
+)
+from attnzoo.ops.attention.triton_common_jit import (  # noqa: F401  (_seq_bounds/_visible: older names)
+    LOG2E as LOG2E_C, seq_bounds as _seq_bounds, softmax_finish, softmax_step, visible as _visible,
+)
 
 # Scalar int args that may be 1 must not be specialized into constants (keeps one compiled kernel and
-# avoids constexpr/tensor type mixing in min/max); strides may be.
+# avoids constexpr/tensor type mixing in min/max); strides may be. Head dims are constexprs (D, DV).
 _NO_SPEC = ["H", "G", "Tq_arg", "Tk_arg", "Mq_bm", "Nk_bm", "win_left", "win_right",
             "bias_hdiv", "mask_hdiv", "Q_BUCKET", "K_BUCKET"]
-
-
-def interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def fill_nan() -> bool:
-    """Test mode: fresh output buffers start as NaN so unwritten elements show up."""
-    return os.environ.get("ATTNZOO_FILL_NAN", "0") == "1"
-
-
-def new_output(shape, *, dtype, device) -> torch.Tensor:
-    if fill_nan():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def bucket(n: int) -> int:
-    """Autotuning key for a sequence length: its power-of-two bucket (clamped), not the raw length."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
-
-
-def head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -75,83 +54,45 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared device helpers (also used by the backward kernels)
-
-
-@triton.jit
-def _visible(qi, kj, Tq, Tk, diag, win_left, win_right,
-             mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
-             HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr):
-    """Keep-mask for query positions ``qi`` and key positions ``kj`` (broadcastable 2-D index tensors,
-    either orientation). ``diag = Tk - Tq``; window bounds already include causal (right = 0)."""
-    inb = (qi < Tq) & (kj < Tk)
-    keep = inb
-    if HAS_LEFT or HAS_RIGHT:
-        d = kj - qi - diag
-        if HAS_LEFT:
-            keep = keep & (d >= -win_left)
-        if HAS_RIGHT:
-            keep = keep & (d <= win_right)
-    if HAS_MASK:
-        mv = tl.load(mask_base + qi * smm + kj * smn, mask=inb, other=0)
-        keep = keep & (mv != 0)
-    if HAS_KPM:
-        kv = tl.load(kpm_base + kj * skpn, mask=kj < Tk, other=0)
-        keep = keep & (kv != 0)
-    if APPLY_EM:
-        ev = tl.load(em_base + qi * sem + kj * sen, mask=inb, other=0)
-        keep = keep & (ev != 0)
-    return keep
+# Inner loop step (also used by MoH)
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-               k_base, v_base, skt, skd, svt, svd, D, DV,
+               k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
                scale_log2,
                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOUNDARY: tl.constexpr):
+    """One key tile of the forward. ``BOUNDARY``: the tile may cross the sequence end or the causal/window
+    band (bounds-masked loads, band test); otherwise it is interior and tests only the data masks."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_k = offs_n.to(tl.int64)
-    kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
-                 mask=(offs_n[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)
+    k_ok = offs_n < Tk if BOUNDARY else offs_n >= 0
+    if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+        k_ok = k_ok & (tl.load(kpm_base + offs_n * skpn, mask=offs_n < Tk, other=0) != 0)
+    if BOUNDARY or HAS_KPM:
+        kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
+                     mask=k_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
+                    mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd, mask=offs_d[:, None] < D, other=0.0)
+        v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd, mask=offs_dv[None, :] < DV, other=0.0)
     s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
     qi = offs_m[:, None]
     kj = offs_n[None, :]
     if HAS_BIAS:
         bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
-        s += bv.to(tl.float32) * 1.4426950408889634
-    keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                    em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < Tk) & (offs_dv[None, :] < DV), other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        q0 = tl.load(CuQ + b)
-        Tq = tl.load(CuQ + b + 1) - q0
-        k0 = tl.load(CuK + b)
-        Tk = tl.load(CuK + b + 1) - k0
-    else:
-        q0 = b * 0
-        k0 = b * 0
-        Tq = b * 0 + Tq_arg
-        Tk = b * 0 + Tk_arg
-    return q0, Tq, k0, Tk
+        s += bv.to(tl.float32) * LOG2E_C
+    if BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM:
+        keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+        s = tl.where(keep, s, float("-inf"))
+    return softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +166,7 @@ def _attn_fwd_kernel(
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
                             scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
-                            HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV)
+                            HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
         for start_n in range(lo, hi, BLOCK_N):
@@ -234,12 +175,9 @@ def _attn_fwd_kernel(
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
                 scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                BLOCK_N, BLOCK_D, BLOCK_DV)
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse = softmax_finish(acc, l_i, m_i)
     row_ok = offs_m < Tq
     tl.store(O + b64 * sob + h * soh + rows_q[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -381,7 +319,7 @@ def common_args(q, k, v, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, scal
         scale_log2=scale * LOG2E, win_left=max(window_left, 0), win_right=max(right, 0),
         bias_hdiv=(H // bias.shape[1]) if bias is not None and bias.shape[1] not in (1, H) else 1,
         mask_hdiv=(H // mask.shape[1]) if mask is not None and mask.shape[1] not in (1, H) else 1,
-        Q_BUCKET=bucket(Tq), K_BUCKET=bucket(Tk),
+        Q_BUCKET=length_bucket(Tq), K_BUCKET=length_bucket(Tk),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_KPM=kpm is not None, HAS_EM=em is not None,
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0,
         SPARSE=kvn is not None, HAS_FULL=fn is not None, BM_BQ=block_q if kvn is not None else 0,

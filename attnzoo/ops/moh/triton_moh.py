@@ -37,9 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as CF
 from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
-from attnzoo.ops.attention.triton_fwd import _fwd_inner, _visible
+from attnzoo.ops.attention.triton_common_jit import dkdv_step, lse_log2, softmax_finish, visible as _visible
+from attnzoo.ops.attention.triton_fwd import _fwd_inner
 from attnzoo.ops.moh.triton_router import pack_active_rows_triton
 
 _NO_SPEC = ["H", "G", "Tq", "Tk", "win_left", "win_right", "BH", "T_rows"]
@@ -98,8 +100,7 @@ def _load_bwd_rows(Q, DO, LSE, DELTA, Gates, b64, h, rows, valid,
     do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
     lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
     delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    return q, do, lse2, delta
+    return q, do, lse_log2(lse), delta
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -136,12 +137,10 @@ def _moh_fwd_kernel(
             k_base, v_base, skt, skd, svt, svd, D, DV,
             K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-            BLOCK_N, BLOCK_D, BLOCK_DV)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
+    o, lse = softmax_finish(acc, l_i, m_i)
     gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
-    o = acc / l_safe[:, None] * gate[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o = o * gate[:, None]
     tl.store(O + b64 * sob + h * soh + rows[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b64 * slb + h * slh + rows * slt, lse, mask=valid)
@@ -179,9 +178,9 @@ def _moh_bwd_dq_kernel(
         dq = _bwd_q_inner(
             dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, K, 0, 0, scale_log2,
-            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
-            BLOCK_N, BLOCK_D, BLOCK_DV)
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows[:, None] * sdqt + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
@@ -208,14 +207,17 @@ def _moh_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_k = offs_n.to(tl.int64)
     col_ok = offs_n < Tk
+    kpm_base = KPM + b64 * skpb
+    kv_ok = col_ok
+    if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+        kv_ok = kv_ok & (tl.load(kpm_base + offs_n * skpn, mask=col_ok, other=0) != 0)
     k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     diag = Tk - Tq
-    kpm_base = KPM + b64 * skpb
     kj = offs_n[:, None]
     for g in range(0, G):
         h = hkv * G + g
@@ -241,12 +243,8 @@ def _moh_bwd_dkdv_kernel(
                     slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
                 st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
                 keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
-                                K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False)
-                pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dst = pt * (dpt - delta[None, :])
-                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
+                                K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
+                dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, delta, DOT_PREC, True)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -260,7 +258,7 @@ def _moh_bwd_dkdv_kernel(
 
 def _tiles(D: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): one small fixed tile under the interpreter."""
-    if CF.interpreter():
+    if TC.interpreter():
         return CF.INTERP_BLOCK, CF.INTERP_BLOCK, 1, 1
     if D <= 64:
         return 64, 64, 4, 3
@@ -274,7 +272,7 @@ def _dkdv_tiles(bm: int, warps: int, D: int, DV: int) -> Tuple[int, int]:
     head dim 64 up 8 warps, and 32-row query tiles from 128 up, hold them without spilling (64 rows / 4
     warps spilled 80-290 B/thread at sm_90, tools/cross_compile.py). Its row tiles need not match the
     packing's: it walks each head's active rows itself."""
-    if CF.interpreter() or max(D, DV) < 64:
+    if TC.interpreter() or max(D, DV) < 64:
         return bm, warps
     return (min(bm, 32) if max(D, DV) > 64 else bm), 8
 
@@ -301,8 +299,8 @@ def _problem(q, k, v, gates, kpm, scale, causal, window_left, window_right):
     B, Tq, H, D = q.shape
     Tk, Hkv, DV = k.shape[1], k.shape[2], v.shape[-1]
     a = dict(Q=q, K=k, V=v, Gates=gates, H=H, G=H // Hkv, Tq=Tq, Tk=Tk, D=D, DV=DV, T_rows=Tq,
-             scale_log2=scale * CF.LOG2E, DOT_PREC=CF.dot_precision(q.dtype),
-             BLOCK_D=CF.head_block(D), BLOCK_DV=CF.head_block(DV))
+             scale_log2=scale * TC.LOG2E, DOT_PREC=CF.dot_precision(q.dtype),
+             BLOCK_D=TC.head_block(D), BLOCK_DV=TC.head_block(DV))
     a["sqb"], a["sqt"], a["sqh"], a["sqd"] = q.stride()
     a["skb"], a["skt"], a["skh"], a["skd"] = k.stride()
     a["svb"], a["svt"], a["svh"], a["svd"] = v.stride()
@@ -328,7 +326,7 @@ def moh_attention_fwd(
     B, Tq, H, D = q.shape
     bm, bn, warps, stages = _tiles(max(D, v.shape[-1]))
     packed = pack_active_rows_triton(gates, bm)  # on the device, no host sync
-    if CF.fill_nan():  # test mode: active rows the kernel fails to write stay NaN
+    if TC.fill_nan():  # test mode: active rows the kernel fails to write stay NaN
         o = torch.full((B, Tq, H, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
         o.masked_fill_((gates == 0)[..., None], 0.0)
         lse = torch.full((B, H, Tq), float("nan"), dtype=torch.float32, device=q.device)
@@ -374,10 +372,10 @@ def moh_attention_bwd(
     dgates = torch.where(active, rowdot / torch.where(active, gates.float(), 1.0), 0.0).to(gates.dtype)
     delta = rowdot.transpose(1, 2).contiguous()  # [B, H, T]
     dq = torch.zeros_like(q)
-    if CF.fill_nan():
+    if TC.fill_nan():
         dq.masked_fill_((gates != 0)[..., None], float("nan"))  # active rows must be written
-    dk = CF.new_output(k.shape, dtype=k.dtype, device=k.device)
-    dv = CF.new_output(v.shape, dtype=v.dtype, device=v.device)
+    dk = TC.new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = TC.new_output(v.shape, dtype=v.dtype, device=v.device)
     if Tk == 0 or q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), dgates
     a = _problem(q, k, v, gates, key_padding_mask, scale, causal, window_left, window_right)
