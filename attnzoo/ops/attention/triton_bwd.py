@@ -53,7 +53,10 @@ the backward is deterministic, bit-for-bit run to run):
   small partial dim): the backward stays deterministic.
 
 What is skipped: as in the forward, tiles outside the causal/window band are never visited (the loop
-bounds come from the diagonal), and with a BlockMask only listed blocks are visited (the dK/dV kernel uses
+bounds come from the diagonal), and the visited range is split into boundary tiles (bounds/band tested)
+and interior tiles (none tested: in dQ full key tiles inside the band of every row; in dK/dV full query
+tiles while the key tile itself is full, every pair inside the band). Key-padded K/V rows are never
+loaded (NaN/inf there stays out, SPEC §0.3). With a BlockMask only listed blocks are visited (the dK/dV kernel uses
 the transposed lists, "which query blocks see this key block", built on the host from the kv lists).
 Masked entries have ``P = 0`` so they contribute nothing; fully masked rows (lse = -inf) get zero
 gradients, never NaN.
@@ -71,7 +74,7 @@ import triton.language as tl
 
 from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.attention.triton_common_jit import (
-    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, seq_bounds as _seq_bounds, visible as _visible,
+    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, seq_bounds as _seq_bounds, split_range, visible as _visible,
 )
 from attnzoo.ops.attention.triton_fwd import _NO_SPEC
 
@@ -193,6 +196,16 @@ def _attn_bwd_dkdv_kernel(
                 lo = tl.maximum(start_n - diag - win_right, 0)
             if HAS_LEFT:
                 hi = tl.minimum(tl.minimum(start_n + BLOCK_N, Tk) - diag + win_left, Tq)
+            # interior query tiles: full, and every (row, key) pair with this (full) key tile in the band
+            ilo = Tq * 0
+            ihi = Tq
+            if HAS_RIGHT:
+                ilo = start_n + BLOCK_N - 1 - diag - win_right
+            if HAS_LEFT:
+                ihi = tl.minimum(start_n - diag + win_left + 1, Tq)
+            if start_n + BLOCK_N > Tk:  # a partial key tile has no interior
+                ihi = ilo
+            mid_lo, mid_hi = split_range((lo // BLOCK_M) * BLOCK_M, hi, ilo, ihi, BLOCK_M)
             for hi_ in range(0, NH_IN):
                 hkv = h_grp * NH_IN + hi_
                 k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
@@ -237,7 +250,23 @@ def _attn_bwd_dkdv_kernel(
                                             DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     else:
                         lo_m = (lo // BLOCK_M) * BLOCK_M
-                        for start_m in range(lo_m, hi, BLOCK_M):
+                        for start_m in range(lo_m, mid_lo, BLOCK_M):  # boundary (window edge)
+                            dk, dv, db_row = _bwd_kv_inner(
+                                dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
+                                q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                                db_base, sdbm, sdbn, scale_log2,
+                                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
+                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
+                        for start_m in range(mid_lo, mid_hi, BLOCK_M):  # interior: no bounds or band test
+                            dk, dv, db_row = _bwd_kv_inner(
+                                dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
+                                q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                                db_base, sdbm, sdbn, scale_log2,
+                                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
+                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, False)
+                        for start_m in range(mid_hi, hi, BLOCK_M):  # boundary (diagonal, sequence end)
                             dk, dv, db_row = _bwd_kv_inner(
                                 dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                 q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
@@ -283,7 +312,10 @@ def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left
     qi = offs_m[:, None]
     kj = offs_n[None, :]
     if HAS_BIAS:
-        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        if BOUNDARY:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        else:  # interior: keys in range, only a partial query tile's rows are bounded
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=qi < Tq, other=0.0)
         s += bv.to(tl.float32) * LOG2E_C
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
     keep = qi  # unused unless MASKED
@@ -368,7 +400,31 @@ def _attn_bwd_dq_kernel(
                             DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, hi, BLOCK_N):
+        # interior key tiles (as in the forward): no bounds or band test
+        ilo = Tk * 0
+        ihi = Tk
+        if HAS_LEFT:
+            ilo = tl.minimum(start_m + BLOCK_M, Tq) - 1 + diag - win_left
+        if HAS_RIGHT:
+            ihi = tl.minimum(start_m + diag + win_right + 1, Tk)
+        mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+        for start_n in range(lo, mid_lo, BLOCK_N):
+            dq = _bwd_q_inner(
+                dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                scale_log2,
+                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
+        for start_n in range(mid_lo, mid_hi, BLOCK_N):
+            dq = _bwd_q_inner(
+                dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                scale_log2,
+                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, False)
+        for start_n in range(mid_hi, hi, BLOCK_N):
             dq = _bwd_q_inner(
                 dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,

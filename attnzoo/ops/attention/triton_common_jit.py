@@ -72,19 +72,21 @@ def visible(qi, kj, Tq, Tk, diag, win_left, win_right,
         if APPLY_EM:
             keep = keep & (tl.load(em_base + qi * sem + kj * sen, mask=inb, other=0) != 0)
     else:
+        # interior: every key is inside [0, Tk), so only the query rows bound the mask/element-mask loads
         tl.static_assert(HAS_MASK or HAS_KPM or APPLY_EM, "visible(BAND=False) needs a data mask")
+        row_in = qi < Tq
         if HAS_KPM:
             keep = tl.load(kpm_base + kj * skpn) != 0
             if HAS_MASK:
-                keep = keep & (tl.load(mask_base + qi * smm + kj * smn, mask=inb, other=0) != 0)
+                keep = keep & (tl.load(mask_base + qi * smm + kj * smn, mask=row_in, other=0) != 0)
             if APPLY_EM:
-                keep = keep & (tl.load(em_base + qi * sem + kj * sen, mask=inb, other=0) != 0)
+                keep = keep & (tl.load(em_base + qi * sem + kj * sen, mask=row_in, other=0) != 0)
         elif HAS_MASK:
-            keep = tl.load(mask_base + qi * smm + kj * smn, mask=inb, other=0) != 0
+            keep = tl.load(mask_base + qi * smm + kj * smn, mask=row_in, other=0) != 0
             if APPLY_EM:
-                keep = keep & (tl.load(em_base + qi * sem + kj * sen, mask=inb, other=0) != 0)
+                keep = keep & (tl.load(em_base + qi * sem + kj * sen, mask=row_in, other=0) != 0)
         else:
-            keep = tl.load(em_base + qi * sem + kj * sen, mask=inb, other=0) != 0
+            keep = tl.load(em_base + qi * sem + kj * sen, mask=row_in, other=0) != 0
     return keep
 
 
@@ -146,3 +148,18 @@ def dkdv_step(dk, dv, q, do, v, st, keep, lse2, delta, DOT_PREC: tl.constexpr, M
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv, dst
+
+
+@triton.jit
+def split_range(lo, hi, ilo, ihi, BLOCK: tl.constexpr):
+    """Cut a tile loop ``range(lo, hi, BLOCK)`` (``lo`` a multiple of BLOCK) into boundary tiles
+    ``[lo, a)``, interior tiles ``[a, b)`` and boundary tiles ``[b, hi)``: every interior tile lies wholly
+    inside ``[ilo, ihi)`` (the positions no bound or band can cut). Returns (a, b), multiples of BLOCK, so
+    the three loops visit exactly the tiles of the original one."""
+    n_lo = lo // BLOCK
+    n_hi = (tl.maximum(hi, 0) + BLOCK - 1) // BLOCK
+    a = (tl.maximum(ilo, 0) + BLOCK - 1) // BLOCK
+    a = tl.minimum(tl.maximum(a, n_lo), n_hi)
+    b = tl.maximum(ihi, 0) // BLOCK
+    b = tl.minimum(tl.maximum(b, a), n_hi)
+    return a * BLOCK, b * BLOCK

@@ -11,13 +11,21 @@ key padding, block-mask element mask, sequence ends) sets ``-inf``; online softm
 (the running max is replaced by 0 while it is ``-inf``, so no ``-inf - -inf`` NaN ever forms).
 
 What is skipped. With causal/window only the key tiles that intersect the visible band of this query tile
-are visited (the loop bounds come from the diagonal ``j - i = Tk - Tq``); with a BlockMask the program
+are visited (the loop bounds come from the diagonal ``j - i = Tk - Tq``). That loop is cut in three
+(``triton_common_jit.split_range``, as FlashAttention-2 and Triton's fused-attention tutorial do): boundary
+tiles left of the band's interior (window edge), interior tiles -- full, and inside the band of every row of
+the query tile -- which load K/V without bounds masks and make no bounds/band test at all (only the data
+masks: dense mask, key padding), and boundary tiles on the diagonal / at the sequence end. With a BlockMask the program
 walks only the key blocks listed for its (batch, head, query block) -- full blocks without the element
 mask, partial ones with it -- so unlisted key blocks are never loaded. Kernel tiles must divide the
 BlockMask's blocks (checked by the backend's ``supports``).
 
 Layout BTHD with all strides passed (non-contiguous inputs work, broadcast bias/mask dims have stride 0);
-varlen adds ``cu_seqlens`` offsets. Head dims are padded to a power of two (>= 16) with load masks.
+varlen adds ``cu_seqlens`` offsets. Head dims ``D``/``DV`` are compile-time constants, padded to a power of
+two (>= 16) with load masks that fold away when the head dim is already one: tiles then load with 128-bit
+loads and the loop's K/V loads are pipelined (16-byte ``cp.async``) on sm_80+. Keys excluded by key
+padding are never loaded (their slots may hold NaN/inf, SPEC §0.3). The softmax arithmetic (visibility
+test, online-softmax step, epilogue) is shared with decode/MoH/DMA in ``triton_common_jit``.
 Precision: fp16/bf16 dots accumulate in fp32; fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``,
 no TF32), so fp32 results match an fp32 reference.
 
@@ -40,7 +48,7 @@ from attnzoo.ops.triton_common import (  # noqa: F401  (re-exported: kernel modu
     LN2, LOG2E, fill_nan, head_block, interpreter, length_bucket, new_output, tuning_configs,
 )
 from attnzoo.ops.attention.triton_common_jit import (  # noqa: F401  (_seq_bounds/_visible: older names)
-    LOG2E as LOG2E_C, seq_bounds as _seq_bounds, softmax_finish, softmax_step, visible as _visible,
+    LOG2E as LOG2E_C, seq_bounds as _seq_bounds, softmax_finish, softmax_step, split_range, visible as _visible,
 )
 
 # Scalar int args that may be 1 must not be specialized into constants (keeps one compiled kernel and
@@ -86,7 +94,10 @@ def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_ri
     qi = offs_m[:, None]
     kj = offs_n[None, :]
     if HAS_BIAS:
-        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        if BOUNDARY:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        else:  # interior: keys in range, only a partial query tile's rows are bounded
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=qi < Tq, other=0.0)
         s += bv.to(tl.float32) * LOG2E_C
     if BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM:
         keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
@@ -169,7 +180,29 @@ def _attn_fwd_kernel(
                             HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, hi, BLOCK_N):
+        # interior key tiles: inside [0, Tk) and inside the band of every row of this query tile
+        ilo = Tk * 0
+        ihi = Tk
+        if HAS_LEFT:
+            ilo = tl.minimum(start_m + BLOCK_M, Tq) - 1 + diag - win_left
+        if HAS_RIGHT:
+            ihi = tl.minimum(start_m + diag + win_right + 1, Tk)
+        mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+        for start_n in range(lo, mid_lo, BLOCK_N):  # boundary tiles left of the interior (window)
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
+        for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, False)
+        for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles: the diagonal, the sequence end
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,

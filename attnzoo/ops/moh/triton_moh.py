@@ -7,7 +7,8 @@ and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
 Forward: one program per packed row tile of BLOCK_M rows. The program finds its ``(b, h)`` by binary
 search in ``tile_offsets``, gathers its Q rows (invalid rows get position ``Tq`` and are masked), and
 streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]`` (rows are sorted, so the
-tile's last row bounds the causal loop). The online softmax is the core's ``_fwd_inner`` with the gathered
+tile's last row bounds the causal loop); key tiles inside the band of every valid row of the tile
+(``_interior_range``) run without bounds/band tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered
 positions standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
 registers). Epilogue: ``O = acc / l * gate``, scattered back to ``[B, T, H]`` (inactive rows are never
 written; the output starts zeroed); the log-sum-exp is stored at the original positions ``[B, H, T]``.
@@ -40,7 +41,9 @@ import triton.language as tl
 from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as CF
 from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
-from attnzoo.ops.attention.triton_common_jit import dkdv_step, lse_log2, softmax_finish, visible as _visible
+from attnzoo.ops.attention.triton_common_jit import (
+    dkdv_step, lse_log2, softmax_finish, split_range, visible as _visible,
+)
 from attnzoo.ops.attention.triton_fwd import _fwd_inner
 from attnzoo.ops.moh.triton_router import pack_active_rows_triton
 
@@ -78,6 +81,20 @@ def _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, 
     if HAS_RIGHT:
         hi = tl.minimum(tl.max(tl.where(valid, pos, 0), 0) + 1 + diag + win_right, Tk)
     return lo, hi
+
+
+@triton.jit
+def _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Keys ``[ilo, ihi)`` inside the causal/window band of every valid row of a packed tile (and inside
+    ``[0, Tk)``): the interior key tiles, which need no bounds or band test."""
+    diag = Tk - Tq
+    ilo = Tk * 0
+    ihi = Tk
+    if HAS_LEFT:
+        ilo = tl.max(tl.where(valid, pos, 0), 0) + diag - win_left
+    if HAS_RIGHT:
+        ihi = tl.minimum(tl.min(tl.where(valid, pos, Tq), 0) + diag + win_right + 1, Tk)
+    return ilo, ihi
 
 
 @triton.jit
@@ -131,7 +148,23 @@ def _moh_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+    for start_n in range(lo, mid_lo, BLOCK_N):  # boundary tiles (window edge)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, False)
+    for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles (diagonal, sequence end)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
@@ -174,7 +207,23 @@ def _moh_bwd_dq_kernel(
     diag = Tk - Tq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+    for start_n in range(lo, mid_lo, BLOCK_N):
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, False)
+    for start_n in range(mid_hi, hi, BLOCK_N):
         dq = _bwd_q_inner(
             dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
