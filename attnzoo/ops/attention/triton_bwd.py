@@ -66,7 +66,7 @@ This module imports triton: import it lazily (``attnzoo.ops.attention.triton_bac
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -522,21 +522,18 @@ def dbias_plan(bias_shape, bias_dtype, B: int, H: int, Hkv: int, Tq: int, Tk: in
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    dlse: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-    elem_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    kv_num_blocks: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor],
-    full_kv_num_blocks: Optional[torch.Tensor], full_kv_indices: Optional[torch.Tensor],
-    scale: float, causal: bool, window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int,
-    block_q: int, block_k: int, need_dbias: bool,
+    dlse: Optional[torch.Tensor], bias: Optional[torch.Tensor], masks: List[Optional[torch.Tensor]],
+    scale: float, causal: bool, window: List[int], max_seqlen: List[int], block_size: List[int], need_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dbias)``; ``dbias`` has the bias' own shape and dtype when ``need_dbias``
-    (else it is an empty fp32 tensor)."""
-    varlen = cu_seqlens_q is not None
-    args, (B, H, Hkv, G, Tq, Tk, D, DV) = F.common_args(
-        q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right, max_seqlen_q, max_seqlen_k,
-        block_q, block_k)
+    (else it is an empty fp32 tensor). ``masks`` .. ``block_size`` as for ``attnzoo::attention_fwd``."""
+    m = F.unpack_masks(masks)
+    varlen = m.cu_seqlens_q is not None
+    kv_num_blocks, kv_indices = m.kv_num_blocks, m.kv_indices
+    full_kv_num_blocks, full_kv_indices = m.full_kv_num_blocks, m.full_kv_indices
+    block_k = block_size[1]
+    args, (B, H, Hkv, G, Tq, Tk, D, DV) = F.args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen,
+                                                         block_size)
     need_dbias = bool(need_dbias and bias is not None)
     dq = F.new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = F.new_output(k.shape, dtype=k.dtype, device=k.device)
@@ -603,9 +600,8 @@ def _finish_dbias(db: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, o, lse, dlse, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q,
-                        cu_seqlens_k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, scale, causal,
-                        window_left, window_right, max_seqlen_q, max_seqlen_k, block_q, block_k, need_dbias):
+def _attention_bwd_fake(do, q, k, v, o, lse, dlse, bias, masks, scale, causal, window, max_seqlen, block_size,
+                        need_dbias):
     if need_dbias and bias is not None:
         db = bias.new_empty(bias.shape)
     else:
@@ -616,24 +612,24 @@ def _attention_bwd_fake(do, q, k, v, o, lse, dlse, bias, mask, key_padding_mask,
 # ----------------------------------------------------------------------------------------------------
 # Autograd of attnzoo::attention_fwd
 
-_N_INPUTS = 21  # attention_fwd's argument count
+_N_INPUTS = 10  # attention_fwd's argument count: q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi,
-     scale, causal, wl, wr, max_q, max_k, bq, bk) = inputs
+    q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi)
-    ctx.params = (scale, causal, wl, wr, max_q, max_k, bq, bk)
+    ctx.save_for_backward(q, k, v, o, lse, bias, *masks)
+    ctx.params = dict(scale=scale, causal=causal, window=window, max_seqlen=max_seqlen, block_size=block_size)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi = ctx.saved_tensors
+    q, k, v, o, lse, bias, *masks = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv, dbias = torch.ops.attnzoo.attention_bwd(
-        do, q, k, v, o, lse, dlse, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, *ctx.params, need_dbias)
+        do=do, q=q, k=k, v=v, o=o, lse=lse, dlse=dlse, bias=bias, masks=list(masks), need_dbias=need_dbias,
+        **ctx.params)
     return (dq, dk, dv, dbias if need_dbias else None) + (None,) * (_N_INPUTS - 4)
 
 

@@ -38,7 +38,7 @@ This module imports triton: import it lazily (``attnzoo.ops.attention.triton_bac
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -376,22 +376,52 @@ def lse_strides(lse: torch.Tensor, varlen: bool):
 # The custom op
 
 
+class Masks(NamedTuple):
+    """What restricts the keys a query sees, travelling to the custom ops as one ``Tensor?[]`` (``masks``),
+    in this order; :meth:`pack` / :func:`unpack_masks` convert. Block-mask lists are ``[B, H, Mq]`` /
+    ``[B, H, Mq, Nk]`` int32 contiguous (already expanded); ``elem_mask`` is the partial blocks' element mask
+    ``[B|1, H|1, Tq, Tk]``."""
+
+    mask: Optional[torch.Tensor] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    kv_num_blocks: Optional[torch.Tensor] = None
+    kv_indices: Optional[torch.Tensor] = None
+    full_kv_num_blocks: Optional[torch.Tensor] = None
+    full_kv_indices: Optional[torch.Tensor] = None
+    elem_mask: Optional[torch.Tensor] = None
+
+    def pack(self) -> List[Optional[torch.Tensor]]:
+        return list(self)
+
+
+def unpack_masks(masks: Sequence[Optional[torch.Tensor]]) -> Masks:
+    if len(masks) != len(Masks._fields):
+        raise ValueError(f"masks: expected {len(Masks._fields)} entries {Masks._fields}, got {len(masks)}")
+    return Masks(*masks)
+
+
+def args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size):
+    """:func:`common_args` from the custom ops' grouped arguments."""
+    m = unpack_masks(masks)
+    return common_args(
+        q, k, v, bias, m.mask, m.key_padding_mask, m.elem_mask, m.cu_seqlens_q, m.cu_seqlens_k, m.kv_num_blocks,
+        m.kv_indices, m.full_kv_num_blocks, m.full_kv_indices, scale, causal, window[0], window[1], max_seqlen[0],
+        max_seqlen[1], block_size[0], block_size[1])
+
+
 @torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-    elem_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    kv_num_blocks: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor],
-    full_kv_num_blocks: Optional[torch.Tensor], full_kv_indices: Optional[torch.Tensor],
-    scale: float, causal: bool, window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int,
-    block_q: int, block_k: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+    masks: List[Optional[torch.Tensor]], scale: float, causal: bool, window: List[int], max_seqlen: List[int],
+    block_size: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention forward. Block-mask tensors are ``[B, H, Mq]`` / ``[B, H, Mq, Nk]`` int32
-    contiguous (already expanded); ``elem_mask`` is the partial blocks' element mask ``[B|1, H|1, Tq, Tk]``."""
-    args, (B, H, Hkv, G, Tq, Tk, D, DV) = common_args(
-        q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right, max_seqlen_q, max_seqlen_k,
-        block_q, block_k)
+    """Softmax attention forward. ``masks``: a packed :class:`Masks`; ``window`` = (left, right),
+    ``max_seqlen`` = (q, k), ``block_size`` = the BlockMask's (q, k) blocks ((0, 0) without one)."""
+    args, (B, H, Hkv, G, Tq, Tk, D, DV) = args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen,
+                                                       block_size)
+    cu_seqlens_q = unpack_masks(masks).cu_seqlens_q
     varlen = cu_seqlens_q is not None
     o = new_output(q.shape[:-1] + (DV,), dtype=q.dtype, device=q.device)
     lse = new_output(lse_shape(q, cu_seqlens_q, B, H, Tq), dtype=torch.float32, device=q.device)
@@ -407,12 +437,10 @@ def attention_fwd(
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks,
-                        kv_indices, full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right,
-                        max_seqlen_q, max_seqlen_k, block_q, block_k):
+def _attention_fwd_fake(q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size):
     H = q.shape[-2]
     o = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    if cu_seqlens_q is not None:
+    if unpack_masks(masks).cu_seqlens_q is not None:  # varlen: [H, total queries]
         lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], H, q.shape[1]), dtype=torch.float32)

@@ -354,7 +354,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, bias, rank, cutoff, block_min, scale, causal = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, bias, rank, cutoff, block_min)
-    ctx.params = (scale, causal)
+    ctx.params = dict(scale=scale, causal=causal)
 
 
 def _backward(ctx, do, dlse):
@@ -362,8 +362,9 @@ def _backward(ctx, do, dlse):
     need_db = bool(ctx.needs_input_grad[3])
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv, db = torch.ops.attnzoo.dma_bwd(do, q, k, v, o, lse, bias, rank, cutoff, block_min,
-                                               *ctx.params, need_db)
+    dq, dk, dv, db = torch.ops.attnzoo.dma_bwd(do=do, q=q, k=k, v=v, o=o, lse=lse, bias=bias, rank=rank,
+                                               cutoff=cutoff, block_min=block_min, need_dbias=need_db,
+                                               **ctx.params)
     return dq, dk, dv, (db if need_db else None), None, None, None, None, None
 
 
@@ -379,5 +380,6 @@ def dma_triton(q, k, v, bias, *, keep_window: int, causal: bool = True, scale: O
         scale = 1.0 / math.sqrt(q.shape[-1])
     with torch.no_grad():
         rank, cutoff, bmin = dma_select(bias.detach(), keep_window, q.shape[1], causal, key_padding_mask)
-    o, _ = torch.ops.attnzoo.dma_fwd(q, k, v, bias, rank, cutoff, bmin, float(scale), bool(causal))
+    o, _ = torch.ops.attnzoo.dma_fwd(q=q, k=k, v=v, bias=bias, rank=rank, cutoff=cutoff, block_min=bmin,
+                                     scale=float(scale), causal=bool(causal))
     return o

@@ -451,12 +451,13 @@ def _setup_context(ctx, inputs, output):
     q, k, v, gates, kpm, scale, causal, wl, wr = inputs
     o, lse, rows, counts, offs = output
     ctx.save_for_backward(q, k, v, gates, o, lse, rows, counts, offs, kpm)
-    ctx.params = (scale, causal, wl, wr)
+    ctx.params = dict(scale=scale, causal=causal, window_left=wl, window_right=wr)
 
 
 def _backward(ctx, do, dlse, drows, dcounts, doffs):
     q, k, v, gates, o, lse, rows, counts, offs, kpm = ctx.saved_tensors
-    dq, dk, dv, dgates = moh_attention_bwd(do, q, k, v, gates, o, lse, rows, counts, offs, kpm, *ctx.params)
+    dq, dk, dv, dgates = moh_attention_bwd(do=do, q=q, k=k, v=v, gates=gates, o=o, lse=lse, rows=rows, counts=counts,
+                                           tile_offsets=offs, key_padding_mask=kpm, **ctx.params)
     return dq, dk, dv, dgates, None, None, None, None, None
 
 
