@@ -103,6 +103,53 @@ def test_bias_minus_inf_on_every_key_is_an_empty_row(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
+# SPEC §0.2: a finite bias is arithmetic, never exclusion
+
+
+@pytest.mark.parametrize("dtype,value", [
+    (torch.float32, -1e9), (torch.float32, "min"), (torch.float16, "min"), (torch.float16, -3e4),
+])
+@pytest.mark.parametrize("where", ["row", "keys"])
+def test_extreme_finite_bias(dtype, value, where):
+    """A row whose bias is -1e9 / finfo.min on every key is softmax of (nearly) equal scores, as SDPA gives
+    -- not an empty row (finfo.min * log2(e) overflows to -inf in a log2-domain kernel); with the extreme
+    value on some keys only, those keys get ~0 weight. Outputs, lse and all gradients within the rule
+    (the backward must not lose log(l) under a huge row max)."""
+    torch.manual_seed(10)
+    B, T, H, D = 1, 37, 2, 32
+    value = torch.finfo(dtype).min if value == "min" else value
+    q, k, v = (_rand(B, T, H, D, dtype=dtype) for _ in range(3))
+    bias = _rand(B, H, T, T, dtype=dtype)
+    if where == "row":
+        bias[:, :, 5] = value
+        bias[:, 1, 20:24] = value
+    else:
+        bias[..., ::3] = value
+    if where == "keys":
+        got = check_attention(q, k, v, bias=bias.requires_grad_(), causal=True)
+        assert torch.isfinite(got["lse"]).all()
+        return
+    # Rows at -1e9 / finfo.min: no gradient through lse here -- the reference's own logsumexp backward
+    # (exp(s - lse) with lse rounded to the row max) gives every key weight 1 instead of 1/n on such rows
+    # (reported to the reference's owner); the kernel keeps the row max and log(l) apart.
+    do = torch.randn(B, T, H, D, device=DEV)
+
+    def run(fn, cast):
+        ins = [cast(t).detach().requires_grad_() for t in (q, k, v, bias)]
+        o, lse = fn(*ins[:3], bias=ins[3], return_lse=True)
+        grads = torch.autograd.grad(o, ins, do.to(o.dtype))
+        return dict(zip(("o", "lse", "dq", "dk", "dv", "dbias"), (o, lse, *grads)))
+
+    got = run(lambda *a, **kw: attnzoo.attention(*a, backend="triton", **kw), lambda t: t)
+    ref = run(attention_reference, lambda t: t.double())
+    with lowp_reference():
+        low = run(attention_reference, lambda t: t)
+    for name in got:
+        assert_close_by_rule(got[name], ref[name], low[name], name, dtype=dtype)
+    assert torch.isfinite(got["lse"]).all()
+
+
+# ---------------------------------------------------------------------------------------------------
 # SPEC §0.3: excluded keys never contribute, whatever their K/V slots hold
 
 

@@ -124,7 +124,7 @@ def attention_triton(
         mask=mask, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         kv_num_blocks=kvn, kv_indices=kvi, full_kv_num_blocks=fn, full_kv_indices=fi, elem_mask=em,
     )
-    o, lse = torch.ops.attnzoo.attention_fwd(
+    o, lse, _stats = torch.ops.attnzoo.attention_fwd(
         q=q, k=k, v=v, bias=bias, masks=masks.pack(), scale=float(scale), causal=bool(causal),
         window=[int(window[0]), int(window[1])], max_seqlen=[max_q, max_k], block_size=[bq, bk],
     )

@@ -53,9 +53,13 @@ the backward is deterministic, bit-for-bit run to run):
   small partial dim): the backward stays deterministic.
 
 What is skipped: as in the forward, tiles outside the causal/window band are never visited (the loop
-bounds come from the diagonal), and the visited range is split into boundary tiles (bounds/band tested)
-and interior tiles (none tested: in dQ full key tiles inside the band of every row; in dK/dV full query
-tiles while the key tile itself is full, every pair inside the band). Key-padded K/V rows are never
+bounds come from the diagonal). dQ splits its key range into boundary tiles (bounds/band tested) and
+interior tiles (full key tiles inside the band of every row: no test); dK/dV keeps one loop that tests
+every query tile -- the same split there made ptxas spill (24-770 B/thread at sm_90, Triton 3.9) with the
+two fp32 accumulators live across three loops (``_bwd_kv_inner`` keeps its ``BOUNDARY`` switch for a
+later attempt). With a bias the scores stay in natural units and P is recomputed from the forward's row
+max and log2 of the row sum (``STATS``), not from the lse, which a -1e9/finfo.min bias rounds to the
+row max (SPEC §0.2). Key-padded K/V rows are never
 loaded (NaN/inf there stays out, SPEC §0.3). With a BlockMask only listed blocks are visited (the dK/dV kernel uses
 the transposed lists, "which query blocks see this key block", built on the host from the kv lists).
 Masked entries have ``P = 0`` so they contribute nothing; fully masked rows (lse = -inf) get zero
@@ -99,7 +103,7 @@ def _db_store(ptrs, val, ok, ACCUM: tl.constexpr):
 def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                   q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D: tl.constexpr, DV: tl.constexpr,
                   bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                  db_base, sdbm, sdbn, scale_log2,
+                  db_base, sdbm, sdbn, qk_scale, sst,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -117,14 +121,21 @@ def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left,
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(lse_base + rows * slt, mask=row_ok, other=0.0)
+        row_m = tl.load(lse_base + rows * slt, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows * slt, mask=row_ok, other=0.0)
+        if HAS_BIAS:
+            row_l = tl.load(lse_base + sst + rows * slt, mask=row_ok, other=0.0)
     else:
         q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=offs_d[None, :] < D, other=0.0)
         do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, mask=offs_dv[None, :] < DV, other=0.0)
-        lse = tl.load(lse_base + rows * slt)
+        row_m = tl.load(lse_base + rows * slt)
         delta = tl.load(delta_base + rows * slt)
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
+        if HAS_BIAS:
+            row_l = tl.load(lse_base + sst + rows * slt)
+    if not HAS_BIAS:  # lse_base is the lse: bring it to the log2 domain
+        row_m = lse_log2(row_m)
+        row_l = row_m
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [N, M]
     qi = offs_m[None, :]
     kj = offs_n[:, None]
     if HAS_BIAS:
@@ -132,13 +143,13 @@ def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left,
             bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
         else:
             bv = tl.load(bias_base + qi * sbm + kj * sbn)
-        st += bv.to(tl.float32) * LOG2E_C
+        st += bv.to(tl.float32)
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
     keep = qi  # unused unless MASKED
     if MASKED:
         keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
                         em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
-    dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse_log2(lse), delta, DOT_PREC, MASKED)
+    dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, row_m, row_l, delta, DOT_PREC, MASKED, HAS_BIAS)
     # dst: dS^T = d loss / d (scores incl. bias), [N, M]
     if DB_MODE == 1:  # per-query bias: the tile itself
         _db_store(db_base + qi.to(tl.int64) * sdbm + kj * sdbn, dst, (qi < Tq) & (kj < Tk), DB_ACCUM)
@@ -149,12 +160,12 @@ def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left,
 
 @triton.jit(do_not_specialize=_NO_SPEC_DKDV)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, DO, LSE, STATS, DELTA, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdbb, sdbh, sdbm, sdbn,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
     H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
-    scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
+    scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
@@ -177,6 +188,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    qk_scale = scale if HAS_BIAS else scale_log2  # with a bias the scores stay in natural units
     for bi in range(0, NB_IN):
         b = b_grp * NB_IN + bi
         q0, Tq, k0, Tk = _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN)
@@ -196,16 +208,6 @@ def _attn_bwd_dkdv_kernel(
                 lo = tl.maximum(start_n - diag - win_right, 0)
             if HAS_LEFT:
                 hi = tl.minimum(tl.minimum(start_n + BLOCK_N, Tk) - diag + win_left, Tq)
-            # interior query tiles: full, and every (row, key) pair with this (full) key tile in the band
-            ilo = Tq * 0
-            ihi = Tq
-            if HAS_RIGHT:
-                ilo = start_n + BLOCK_N - 1 - diag - win_right
-            if HAS_LEFT:
-                ihi = tl.minimum(start_n - diag + win_left + 1, Tq)
-            if start_n + BLOCK_N > Tk:  # a partial key tile has no interior
-                ihi = ilo
-            mid_lo, mid_hi = split_range((lo // BLOCK_M) * BLOCK_M, hi, ilo, ihi, BLOCK_M)
             for hi_ in range(0, NH_IN):
                 hkv = h_grp * NH_IN + hi_
                 k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
@@ -219,7 +221,8 @@ def _attn_bwd_dkdv_kernel(
                     q0_64 = q0.to(tl.int64)
                     q_base = Q + b64 * sqb + h * sqh + q0_64 * sqt
                     do_base = DO + b64 * sdob + h * sdoh + q0_64 * sdot
-                    lse_base = LSE + b64 * slb + h * slh + q0_64 * slt
+                    # with a bias: the forward's row max and log2 l (STATS), else the lse
+                    lse_base = (STATS if HAS_BIAS else LSE) + b64 * slb + h * slh + q0_64 * slt
                     delta_base = DELTA + b64 * slb + h * slh + q0_64 * slt
                     bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
                     mask_base = Mask + b64 * smb + (h // mask_hdiv).to(tl.int64) * smh
@@ -244,34 +247,20 @@ def _attn_bwd_dkdv_kernel(
                                             dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                             q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
                                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                            db_base, sdbm, sdbn, scale_log2,
+                                            db_base, sdbm, sdbn, qk_scale, sst,
                                             HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
                                             HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
                                             DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     else:
-                        lo_m = (lo // BLOCK_M) * BLOCK_M
-                        for start_m in range(lo_m, mid_lo, BLOCK_M):  # boundary (window edge)
+                        # One loop, every query tile tested: splitting it into boundary/interior loops (as the
+                        # forward and dQ do) made ptxas spill 24-770 B/thread in most dK/dV tiles at sm_90
+                        # (two [BLOCK_N, head] fp32 accumulators stay live across the three loops).
+                        for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
                             dk, dv, db_row = _bwd_kv_inner(
                                 dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                 q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
                                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                db_base, sdbm, sdbn, scale_log2,
-                                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
-                        for start_m in range(mid_lo, mid_hi, BLOCK_M):  # interior: no bounds or band test
-                            dk, dv, db_row = _bwd_kv_inner(
-                                dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                                q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
-                                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                db_base, sdbm, sdbn, scale_log2,
-                                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, False)
-                        for start_m in range(mid_hi, hi, BLOCK_M):  # boundary (diagonal, sequence end)
-                            dk, dv, db_row = _bwd_kv_inner(
-                                dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                                q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
-                                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                db_base, sdbm, sdbn, scale_log2,
+                                db_base, sdbm, sdbn, qk_scale, sst,
                                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
                                 DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     if DB_MODE == 2:
@@ -285,14 +274,17 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+def _bwd_q_inner(dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                  k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
                  bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                 scale_log2,
+                 qk_scale,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOUNDARY: tl.constexpr):
-    """One key tile of the dQ loop (also used by MoH); ``BOUNDARY`` as in the forward's ``_fwd_inner``."""
+    """One key tile of the dQ loop (also used by MoH); ``BOUNDARY`` and ``qk_scale`` as in the forward's
+    ``_fwd_inner``; ``row_m``/``row_l`` as in ``triton_common_jit.probs`` (both the log2 lse without a
+    bias)."""
+    start_n = tl.multiple_of(start_n, BLOCK_N)  # every loop starts on the tile grid: aligned bias/mask rows
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -308,7 +300,7 @@ def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left
     else:
         k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd, mask=offs_d[None, :] < D, other=0.0)
         vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd, mask=offs_dv[:, None] < DV, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     qi = offs_m[:, None]
     kj = offs_n[None, :]
     if HAS_BIAS:
@@ -316,24 +308,24 @@ def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left
             bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
         else:  # interior: keys in range, only a partial query tile's rows are bounded
             bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=qi < Tq, other=0.0)
-        s += bv.to(tl.float32) * LOG2E_C
+        s += bv.to(tl.float32)
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
     keep = qi  # unused unless MASKED
     if MASKED:
         keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
                         em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
-    dq, _ds = dq_step(dq, do, k, vt, s, keep, lse2, delta, DOT_PREC, MASKED)
+    dq, _ds = dq_step(dq, do, k, vt, s, keep, row_m, row_l, delta, DOT_PREC, MASKED, HAS_BIAS)
     return dq
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, DO, LSE, STATS, DELTA, DQ, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdqb, sdqt, sdqh, sdqd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
     H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
-    scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
+    scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
@@ -359,9 +351,15 @@ def _attn_bwd_dq_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b64 * sdob + h * sdoh + rows_q[:, None] * sdot + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
-    lse2 = lse_log2(lse)
+    if HAS_BIAS:  # natural-unit scores: the forward's row max and log2 l
+        row_m = tl.load(STATS + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
+        row_l = tl.load(STATS + sst + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
+        qk_scale = scale
+    else:
+        row_m = lse_log2(tl.load(LSE + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0))
+        row_l = row_m
+        qk_scale = scale_log2
     k_base = K + b64 * skb + hkv * skh + k0.to(tl.int64) * skt
     v_base = V + b64 * svb + hkv * svh + k0.to(tl.int64) * svt
     bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
@@ -392,10 +390,10 @@ def _attn_bwd_dq_kernel(
                     start_n = kb * BM_BK + sub * BLOCK_N
                     if (start_n < hi) & (start_n + BLOCK_N > lo):
                         dq = _bwd_q_inner(
-                            dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                            dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            scale_log2,
+                            qk_scale,
                             HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False, HAS_LEFT, HAS_RIGHT,
                             DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
@@ -410,26 +408,26 @@ def _attn_bwd_dq_kernel(
         mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
         for start_n in range(lo, mid_lo, BLOCK_N):
             dq = _bwd_q_inner(
-                dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                scale_log2,
+                qk_scale,
                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
         for start_n in range(mid_lo, mid_hi, BLOCK_N):
             dq = _bwd_q_inner(
-                dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                scale_log2,
+                qk_scale,
                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, False)
         for start_n in range(mid_hi, hi, BLOCK_N):
             dq = _bwd_q_inner(
-                dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                scale_log2,
+                qk_scale,
                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
 
@@ -521,12 +519,13 @@ def dbias_plan(bias_shape, bias_dtype, B: int, H: int, Hkv: int, Tq: int, Tk: in
 
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
 def attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    dlse: Optional[torch.Tensor], bias: Optional[torch.Tensor], masks: List[Optional[torch.Tensor]],
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, lse: torch.Tensor,
+    stats: torch.Tensor, bias: Optional[torch.Tensor], masks: List[Optional[torch.Tensor]],
     scale: float, causal: bool, window: List[int], max_seqlen: List[int], block_size: List[int], need_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dbias)``; ``dbias`` has the bias' own shape and dtype when ``need_dbias``
-    (else it is an empty fp32 tensor). ``masks`` .. ``block_size`` as for ``attnzoo::attention_fwd``."""
+    (else it is an empty fp32 tensor). ``delta = rowsum(dO * O) - dlse`` laid out like ``lse`` (fp32);
+    ``lse``, ``stats`` and ``masks`` .. ``block_size`` as from / for ``attnzoo::attention_fwd``."""
     m = F.unpack_masks(masks)
     varlen = m.cu_seqlens_q is not None
     kv_num_blocks, kv_indices = m.kv_num_blocks, m.kv_indices
@@ -548,15 +547,12 @@ def attention_bwd(
     if k.numel() == 0 or q.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, _finish_dbias(db, bias) if need_dbias else no_db
-    # delta = rowsum(dO * O) - dlse, laid out like lse
-    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, H] or [Nq, H]
-    delta = delta.t() if varlen else delta.transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
+    has_stats = bias is not None and stats.numel() > 0
+    stats = stats.contiguous() if has_stats else lse
     sdo = F._bhq(do, varlen)
-    args.update(DO=do, LSE=lse, DELTA=delta, scale=scale,
+    args.update(DO=do, LSE=lse, STATS=stats, sst=stats.stride(0) if has_stats else 0, DELTA=delta, scale=scale,
                 sdob=sdo[0], sdot=sdo[1], sdoh=sdo[2], sdod=sdo[3])
     args["slb"], args["slh"], args["slt"] = F.lse_strides(lse, varlen)
 
@@ -600,7 +596,7 @@ def _finish_dbias(db: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, o, lse, dlse, bias, masks, scale, causal, window, max_seqlen, block_size,
+def _attention_bwd_fake(do, q, k, v, delta, lse, stats, bias, masks, scale, causal, window, max_seqlen, block_size,
                         need_dbias):
     if need_dbias and bias is not None:
         db = bias.new_empty(bias.shape)
@@ -617,19 +613,24 @@ _N_INPUTS = 10  # attention_fwd's argument count: q, k, v, bias, masks, scale, c
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bias, *masks)
+    o, lse, stats = output
+    ctx.save_for_backward(q, k, v, o, lse, stats, bias, *masks)
     ctx.params = dict(scale=scale, causal=causal, window=window, max_seqlen=max_seqlen, block_size=block_size)
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, bias, *masks = ctx.saved_tensors
+def _backward(ctx, do, dlse, _dstats):
+    q, k, v, o, lse, stats, bias, *masks = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
     if do is None:
         do = torch.zeros_like(o)
+    # delta = rowsum(dO * O) - dlse, laid out like lse ([B, H, Tq], or [H, Nq] varlen)
+    delta = (do.float() * o.float()).sum(-1)
+    delta = delta.t() if masks[2] is not None else delta.transpose(1, 2)
+    if dlse is not None:
+        delta = delta - dlse.float()
     dq, dk, dv, dbias = torch.ops.attnzoo.attention_bwd(
-        do=do, q=q, k=k, v=v, o=o, lse=lse, dlse=dlse, bias=bias, masks=list(masks), need_dbias=need_dbias,
-        **ctx.params)
+        do=do, q=q, k=k, v=v, delta=delta.contiguous(), lse=lse, stats=stats, bias=bias, masks=list(masks),
+        need_dbias=need_dbias, **ctx.params)
     return (dq, dk, dv, dbias if need_dbias else None) + (None,) * (_N_INPUTS - 4)
 
 

@@ -91,26 +91,43 @@ def visible(qi, kj, Tq, Tk, diag, win_left, win_right,
 
 
 @triton.jit
-def softmax_step(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
-    """One online-softmax step: ``s`` [M, N] are this tile's scores in the log2 domain with excluded
-    entries at ``-inf``, ``v`` [N, Dv] its values. Returns the updated (acc, l, m)."""
+def softmax_step(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr, NAT: tl.constexpr):
+    """One online-softmax step: ``s`` [M, N] are this tile's scores with excluded entries at ``-inf``,
+    ``v`` [N, Dv] its values. Returns the updated (acc, l, m).
+
+    Scores are in the log2 domain (``scale * log2(e)`` folded into the dot's scaling), or with ``NAT`` in
+    natural units -- used with an additive bias: a finite bias is arithmetic (SPEC §0.2) and
+    ``finfo.min * log2(e)`` would overflow to ``-inf``; differences to the running max are taken first and
+    only then scaled by ``log2(e)``, which never overflows."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+    if NAT:
+        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
 @triton.jit
-def softmax_finish(acc, l_i, m_i):
-    """(O = acc / l [fp32], lse [natural log]); a row that saw no key (l == 0) gets O = 0, lse = -inf."""
+def softmax_finish(acc, l_i, m_i, NAT: tl.constexpr):
+    """(O = acc / l [fp32], lse [natural log], m, log2 l); a row that saw no key (l == 0) gets O = 0,
+    lse = -inf and m = log2 l = 0. ``m`` (the row max, in the scores' units) and ``log2 l`` are the two
+    halves of the lse that the backward needs separately when ``|m|`` is so large (a bias of -1e9 or
+    finfo.min) that ``m + log l`` rounds to ``m``."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    return o, lse
+    log2l = tl.math.log2(l_safe)
+    if NAT:
+        lse = tl.where(empty, float("-inf"), m_i + log2l * LN2)
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + log2l) * LN2)
+    m_row = tl.where(empty, 0.0, m_i)
+    return o, lse, m_row, log2l
 
 
 @triton.jit
@@ -120,14 +137,34 @@ def lse_log2(lse):
 
 
 @triton.jit
-def dq_step(dq, do, k, vt, s, keep, lse2, delta, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
-    """dQ of one key tile: ``P = exp2(S - lse)`` on kept entries (every entry unless ``MASKED``),
-    ``dS = P (dO V^T - delta)``, ``dQ += dS K`` (unscaled). ``s`` [M, N] log2-domain scores, ``vt`` = V^T
-    [Dv, N]. Returns (dq, dS)."""
-    if MASKED:
-        p = tl.math.exp2(tl.where(keep, s - lse2[:, None], float("-inf")))
+def probs(s, keep, row_m, row_l, MASKED: tl.constexpr, NAT: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """The backward's recomputed probabilities of a score tile: ``exp2(s - lse2)`` with ``row_m`` = lse in
+    the log2 domain (:func:`lse_log2`), or with ``NAT`` (natural-unit scores, a bias present)
+    ``exp2((s - m) log2(e) - log2 l)`` from the forward's row max ``row_m`` and ``row_l = log2 l``, so a huge
+    ``|m|`` never absorbs ``log l``. Excluded entries (``keep`` false, when ``MASKED``) give 0. Rows run
+    along axis 0 of ``s`` when ``ROWS_FIRST``, else along axis 1 (the transposed tiles of dK/dV)."""
+    if ROWS_FIRST:
+        rm = row_m[:, None]
+        rl = row_l[:, None]
     else:
-        p = tl.math.exp2(s - lse2[:, None])
+        rm = row_m[None, :]
+        rl = row_l[None, :]
+    if NAT:
+        x = (s - rm) * LOG2E - rl
+    else:
+        x = s - rm
+    if MASKED:
+        x = tl.where(keep, x, float("-inf"))
+    return tl.math.exp2(x)
+
+
+@triton.jit
+def dq_step(dq, do, k, vt, s, keep, row_m, row_l, delta, DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
+            NAT: tl.constexpr):
+    """dQ of one key tile: ``P`` (:func:`probs`) on kept entries (every entry unless ``MASKED``),
+    ``dS = P (dO V^T - delta)``, ``dQ += dS K`` (unscaled). ``s`` [M, N] scores, ``vt`` = V^T [Dv, N].
+    Returns (dq, dS)."""
+    p = probs(s, keep, row_m, row_l, MASKED, NAT, True)
     dp = tl.dot(do, vt, input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -135,14 +172,12 @@ def dq_step(dq, do, k, vt, s, keep, lse2, delta, DOT_PREC: tl.constexpr, MASKED:
 
 
 @triton.jit
-def dkdv_step(dk, dv, q, do, v, st, keep, lse2, delta, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
-    """dK/dV of one query tile, transposed: ``st`` [N, M] log2-domain scores S^T; ``P^T = exp2(S^T - lse)``
-    on kept entries (every entry unless ``MASKED``), ``dV += P^T dO``, ``dS^T = P^T (V dO^T - delta)``,
+def dkdv_step(dk, dv, q, do, v, st, keep, row_m, row_l, delta, DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
+              NAT: tl.constexpr):
+    """dK/dV of one query tile, transposed: ``st`` [N, M] scores S^T; ``P^T`` (:func:`probs`) on kept
+    entries (every entry unless ``MASKED``), ``dV += P^T dO``, ``dS^T = P^T (V dO^T - delta)``,
     ``dK += dS^T Q`` (unscaled). Returns (dk, dv, dS^T)."""
-    if MASKED:
-        pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-    else:
-        pt = tl.math.exp2(st - lse2[None, :])
+    pt = probs(st, keep, row_m, row_l, MASKED, NAT, False)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dst = pt * (dpt - delta[None, :])

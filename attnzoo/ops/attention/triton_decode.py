@@ -110,9 +110,9 @@ def _decode_kernel(
         s = tl.where(keep, s, float("-inf"))
         v = tl.load(V + v_off[:, None] + hkv * svh + offs_dv[None, :] * svd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC, False)
 
-    o, lse = softmax_finish(acc, l_i, m_i)
+    o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
     base_o = OP + b64 * sopb + hkv * soph + pid_s * sops
     tl.store(base_o + offs_r[:, None] * sopr + offs_dv[None, :] * sopd, o,
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))

@@ -15,7 +15,11 @@ are visited (the loop bounds come from the diagonal ``j - i = Tk - Tq``). That l
 (``triton_common_jit.split_range``, as FlashAttention-2 and Triton's fused-attention tutorial do): boundary
 tiles left of the band's interior (window edge), interior tiles -- full, and inside the band of every row of
 the query tile -- which load K/V without bounds masks and make no bounds/band test at all (only the data
-masks: dense mask, key padding), and boundary tiles on the diagonal / at the sequence end. With a BlockMask the program
+masks: dense mask, key padding), and boundary tiles on the diagonal / at the sequence end.
+
+With a bias, scores stay in natural units (``S = scale Q K^T + bias``; exp2 of differences times log2 e):
+a finite bias is arithmetic even at finfo.min, whose log2-domain image would overflow to -inf (SPEC
+§0.2). The forward then also stores each row's max and log2 of its sum (``STATS``) for the backward. With a BlockMask the program
 walks only the key blocks listed for its (batch, head, query block) -- full blocks without the element
 mask, partial ones with it -- so unlisted key blocks are never loaded. Kernel tiles must divide the
 BlockMask's blocks (checked by the backend's ``supports``).
@@ -69,12 +73,15 @@ def dot_precision(dtype: torch.dtype) -> str:
 def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-               scale_log2,
+               qk_scale,
                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOUNDARY: tl.constexpr):
     """One key tile of the forward. ``BOUNDARY``: the tile may cross the sequence end or the causal/window
-    band (bounds-masked loads, band test); otherwise it is interior and tests only the data masks."""
+    band (bounds-masked loads, band test); otherwise it is interior and tests only the data masks.
+    ``qk_scale``: ``scale * log2(e)`` (log2-domain scores), or ``scale`` with a bias (natural units: the
+    bias is added as it is, see ``softmax_step``)."""
+    start_n = tl.multiple_of(start_n, BLOCK_N)  # every loop starts on the tile grid: aligned bias/mask rows
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -90,7 +97,7 @@ def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_ri
     else:
         kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd, mask=offs_d[:, None] < D, other=0.0)
         v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd, mask=offs_dv[None, :] < DV, other=0.0)
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     qi = offs_m[:, None]
     kj = offs_n[None, :]
     if HAS_BIAS:
@@ -98,12 +105,12 @@ def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_ri
             bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
         else:  # interior: keys in range, only a partial query tile's rows are bounded
             bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=qi < Tq, other=0.0)
-        s += bv.to(tl.float32) * LOG2E_C
+        s += bv.to(tl.float32)
     if BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM:
         keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
                         em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
         s = tl.where(keep, s, float("-inf"))
-    return softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
+    return softmax_step(acc, l_i, m_i, s, v, DOT_PREC, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,11 +119,11 @@ def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_ri
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, O, LSE, STATS, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, slb, slh, slt,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
     H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
-    scale_log2, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
+    scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
@@ -146,6 +153,7 @@ def _attn_fwd_kernel(
     kpm_base = KPM + b64 * skpb
     em_base = EM + b64 * seb + h.to(tl.int64) * seh
     diag = Tk - Tq
+    qk_scale = scale if HAS_BIAS else scale_log2  # with a bias the scores stay in natural units
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -176,7 +184,7 @@ def _attn_fwd_kernel(
                             acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
+                            qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
                             HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
@@ -193,28 +201,31 @@ def _attn_fwd_kernel(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
         for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, False)
         for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles: the diagonal, the sequence end
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
 
-    o, lse = softmax_finish(acc, l_i, m_i)
+    o, lse, m_row, log2l = softmax_finish(acc, l_i, m_i, HAS_BIAS)
     row_ok = offs_m < Tq
     tl.store(O + b64 * sob + h * soh + rows_q[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b64 * slb + h * slh + rows_q * slt, lse, mask=row_ok)
+    if HAS_BIAS:  # the lse's two halves for the backward (see softmax_finish), laid out like lse
+        tl.store(STATS + b64 * slb + h * slh + rows_q * slt, m_row, mask=row_ok)
+        tl.store(STATS + sst + b64 * slb + h * slh + rows_q * slt, log2l, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,7 +360,7 @@ def common_args(q, k, v, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, scal
     a.update(
         H=H, G=G, Tq_arg=Tq, Tk_arg=Tk, D=D, DV=DV,
         Mq_bm=kvn.shape[-1] if kvn is not None else 0, Nk_bm=kvi.shape[-1] if kvi is not None else 0,
-        scale_log2=scale * LOG2E, win_left=max(window_left, 0), win_right=max(right, 0),
+        scale_log2=scale * LOG2E, scale=scale, win_left=max(window_left, 0), win_right=max(right, 0),
         bias_hdiv=(H // bias.shape[1]) if bias is not None and bias.shape[1] not in (1, H) else 1,
         mask_hdiv=(H // mask.shape[1]) if mask is not None and mask.shape[1] not in (1, H) else 1,
         Q_BUCKET=length_bucket(Tq), K_BUCKET=length_bucket(Tk),
@@ -416,24 +427,32 @@ def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
     masks: List[Optional[torch.Tensor]], scale: float, causal: bool, window: List[int], max_seqlen: List[int],
     block_size: List[int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention forward. ``masks``: a packed :class:`Masks`; ``window`` = (left, right),
-    ``max_seqlen`` = (q, k), ``block_size`` = the BlockMask's (q, k) blocks ((0, 0) without one)."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention forward: ``(o, lse, stats)``. ``masks``: a packed :class:`Masks`; ``window`` =
+    (left, right), ``max_seqlen`` = (q, k), ``block_size`` = the BlockMask's (q, k) blocks ((0, 0) without
+    one). ``stats`` (for the backward only): with a bias, ``[2, *lse.shape]`` fp32 = each row's score max
+    and ``log2`` of its sum (the lse in two parts that a huge bias cannot round together); else empty."""
     args, (B, H, Hkv, G, Tq, Tk, D, DV) = args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen,
                                                        block_size)
     cu_seqlens_q = unpack_masks(masks).cu_seqlens_q
     varlen = cu_seqlens_q is not None
     o = new_output(q.shape[:-1] + (DV,), dtype=q.dtype, device=q.device)
     lse = new_output(lse_shape(q, cu_seqlens_q, B, H, Tq), dtype=torch.float32, device=q.device)
+    stats = new_output(_stats_shape(lse.shape, bias), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
-        return o, lse
+        return o, lse, stats
     so = _bhq(o, varlen)
-    args.update(O=o, LSE=lse, sob=so[0], sot=so[1], soh=so[2], sod=so[3])
+    args.update(O=o, LSE=lse, STATS=stats if bias is not None else lse, sst=stats.stride(0) if bias is not None else 0,
+                sob=so[0], sot=so[1], soh=so[2], sod=so[3])
     args["slb"], args["slh"], args["slt"] = lse_strides(lse, varlen)
     kernel, meta = launcher("fwd", _attn_fwd_kernel, GPU_FWD_CONFIGS)
     grid = lambda META: (triton.cdiv(max(Tq, 1), META["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](**args, **meta)
-    return o, lse
+    return o, lse, stats
+
+
+def _stats_shape(lse_shape, bias):
+    return (2, *lse_shape) if bias is not None else (0,)
 
 
 @attention_fwd.register_fake
@@ -444,7 +463,7 @@ def _attention_fwd_fake(q, k, v, bias, masks, scale, causal, window, max_seqlen,
         lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], H, q.shape[1]), dtype=torch.float32)
-    return o, lse
+    return o, lse, q.new_empty(_stats_shape(lse.shape, bias), dtype=torch.float32)
 
 
 def block_mask_tensors(block_mask, B: int, H: int, Tq: int, Tk: int, device):

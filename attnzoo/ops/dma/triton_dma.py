@@ -133,8 +133,8 @@ def _dma_fwd_kernel(
             s += bv[None, :] * LOG2E_C
             keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
             s = tl.where(keep, s, float("-inf"))
-            acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
-    o, lse = softmax_finish(acc, l_i, m_i)
+            acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC, False)
+    o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
     tl.store(O + b64 * sob + h * soh + rows_q[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + (b64 * H + h) * Tq + offs_m, lse, mask=row_ok)
@@ -175,7 +175,7 @@ def _dma_bwd_dq_kernel(
             bv = tl.load(bias_base + offs_n * sbn, mask=col_ok, other=0.0).to(tl.float32)
             s += bv[None, :] * LOG2E_C
             keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
-            dq, _ds = dq_step(dq, do, k, vt, s, keep, lse2, delta, DOT_PREC, True)
+            dq, _ds = dq_step(dq, do, k, vt, s, keep, lse2, lse2, delta, DOT_PREC, True, False)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows_q[:, None] * sdqt + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -241,7 +241,8 @@ def _dma_bwd_dkdv_kernel(
                 st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
                 st += bv[:, None] * LOG2E_C
                 keep = tl.trans(_keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL))
-                dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse_log2(lse), delta, DOT_PREC, True)
+                lse2 = lse_log2(lse)
+                dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
                 if NEED_DB:
                     db_row += tl.sum(dst, 1)
         if NEED_DB:

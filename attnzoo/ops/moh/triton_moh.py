@@ -171,7 +171,7 @@ def _moh_fwd_kernel(
             K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
-    o, lse = softmax_finish(acc, l_i, m_i)
+    o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
     gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
     o = o * gate[:, None]
     tl.store(O + b64 * sob + h * soh + rows[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
@@ -211,21 +211,21 @@ def _moh_bwd_dq_kernel(
     mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _bwd_q_inner(
-            dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
             K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         dq = _bwd_q_inner(
-            dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
             K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, False)
     for start_n in range(mid_hi, hi, BLOCK_N):
         dq = _bwd_q_inner(
-            dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
             K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
@@ -293,7 +293,7 @@ def _moh_bwd_dkdv_kernel(
                 st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
                 keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
                                 K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
-                dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, delta, DOT_PREC, True)
+                dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
