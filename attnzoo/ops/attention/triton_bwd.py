@@ -436,22 +436,22 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-# As the forward's (triton_fwd.GPU_FWD_CONFIGS): per head block, the tiles that compile for sm_90 without
-# spilling. dK/dV keeps two [BLOCK_N, head] fp32 accumulators: at head block 128 that needs 8 warps and
-# BLOCK_N <= 64 (BLOCK_N = 128 spilled 128-700 B/thread), at 256 BLOCK_M * BLOCK_N <= 1024.
-_SM, _MID, _WIDE, _ALL = F.SMALL, F.MID, F.WIDE, F.ALL
-GPU_DKDV_CONFIGS = [
-    (32, 128, 8, 2, _SM), (64, 128, 8, 2, _SM), (32, 64, 4, 2, _SM), (64, 64, 4, 2, _SM),
-    (32, 64, 8, 2, _MID), (64, 32, 8, 2, _MID), (64, 64, 8, 2, _MID), (32, 32, 8, 2, _MID),
-    (64, 16, 8, 2, _WIDE), (32, 32, 8, 2, _WIDE), (32, 16, 8, 2, _WIDE), (16, 32, 8, 2, _WIDE),
-    (16, 32, 4, 2, _SM + _MID), (16, 16, 4, 2, _ALL),
-]
-GPU_DQ_CONFIGS = [
-    (128, 64, 8, 2, _SM + _MID), (64, 64, 4, 2, _SM + _MID), (128, 32, 8, 2, _SM + _MID), (64, 32, 4, 2, _SM + _MID),
-    (32, 16, 4, 2, _SM + _MID),
-    (32, 64, 8, 2, _WIDE), (32, 32, 8, 2, _WIDE), (16, 64, 8, 2, _WIDE), (16, 32, 4, 2, _WIDE),
-    (16, 16, 4, 2, _ALL),
-]
+# As the forward's (triton_fwd.GPU_FWD_CONFIGS): per head block at most 6 tiles that compile for sm_90
+# without spilling (Triton 3.9), each list cut by tuning_configs. dK/dV keeps two [BLOCK_N, head] fp32
+# accumulators: at head block 128 that needs 8 warps and BLOCK_N <= 64 (64x64 spilled 72-176 B/thread),
+# at 256 BLOCK_M * BLOCK_N <= 1024 (all listed: 0 B); at head block 64, 64x64/4 warps (24 B with a bias),
+# 64x128/8 (16 B) and 16x32/4 (8-32 B) spilled. dQ at head block 64: 32x16 spilled 8 B with key padding.
+_SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
+GPU_DKDV_CONFIGS = F.per_head_block({
+    _SM: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 16, 4, 2)],
+    _MID: [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+})
+GPU_DQ_CONFIGS = F.per_head_block({
+    _SM: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (16, 16, 4, 2)],
+    _MID: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+    _WIDE: [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+})
 
 
 def transpose_block_lists(num: Optional[torch.Tensor], idx: Optional[torch.Tensor], n_kblocks: int):

@@ -18,7 +18,9 @@ does no work). Causal is bottom-right per batch: new token ``t`` sits at positio
 MoH (``gates [B, Tn, H]``, :func:`decode_launch`): rows with gate 0 are masked out of every key tile, a
 program none of whose rows is active reads no K/V (so kv heads left without an active query head cost
 nothing but the launch), and the merge multiplies by the gate.
-Precision as in the forward kernel (fp32 accumulation, IEEE fp32 dots for fp32 inputs).
+Precision as in the forward kernel (fp32 accumulation, IEEE fp32 dots for fp32 inputs). Head dims are
+constexprs: K/V tiles stream through 16-byte ``cp.async``; keys at or past ``cache_seqlens`` are masked out
+of the loads, so whatever stale slots hold (NaN, inf) never contributes (SPEC §0.3).
 
 Launch shape: fixed heuristic tiles (not autotuned): BLOCK_N = 64 for rows of <= 256 bytes (fp16 D <= 128),
 smaller for wider rows, so the pipelined K/V tiles fit shared memory; 16 under the interpreter.

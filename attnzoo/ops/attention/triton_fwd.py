@@ -231,19 +231,26 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, head blocks) tried on a GPU, each only for the head blocks
-# (max(BLOCK_D, BLOCK_DV)) it is listed for; the interpreter uses one small fixed tile so tests cross tile
-# boundaries with tiny shapes. The lists come from compiling every candidate for sm_90 with
-# tools/cross_compile.py (fp16/bf16, Triton 3.9, checked again on 3.6): a config is offered for a head block
-# only if it spills no registers there in the common variants (e.g. 128x128 tiles spill at head block 128; at 256 only tiles of
-# <= 64x32 with 8 warps fit). Which of them is fastest is the autotuner's call on the GPU.
+# Autotune lists: per head block (max(BLOCK_D, BLOCK_DV)) at most 6 (BLOCK_M, BLOCK_N, num_warps,
+# num_stages), each compiled for sm_90 with tools/cross_compile.py (Triton 3.9; causal, plain, window, bias,
+# dense mask, key padding, varlen) and kept only where it spills nothing: the forward spills in none of
+# these (max 254 registers, 128x128 tiles at head block 64); at 256 only tiles of <= 64x32 with 8 warps
+# are offered. Each list goes through triton_common.tuning_configs, so ATTNZOO_AUTOTUNE=first compiles only
+# its first entry. The interpreter uses one small fixed tile so tests cross tile boundaries with tiny shapes.
 SMALL, MID, WIDE, ALL = (16, 32, 64), (128,), (256,), (16, 32, 64, 128, 256)
-GPU_FWD_CONFIGS = [
-    (128, 64, 8, 3, SMALL + MID), (128, 128, 8, 2, SMALL), (64, 64, 4, 3, SMALL + MID), (64, 32, 4, 3, SMALL + MID),
-    (32, 32, 4, 2, SMALL + MID),
-    (64, 32, 8, 2, WIDE), (32, 64, 8, 2, WIDE), (64, 16, 8, 2, WIDE), (32, 32, 8, 2, WIDE),
-    (16, 16, 4, 2, ALL),
-]
+
+
+def per_head_block(table):
+    """``{head blocks: [(BLOCK_M, BLOCK_N, warps, stages), ...]}`` -> ``(BLOCK_M, BLOCK_N, warps, stages,
+    head blocks)`` tuples, each list cut by ``tuning_configs`` (its first entry under ATTNZOO_AUTOTUNE=first)."""
+    return [(*c, hbs) for hbs, configs in table.items() for c in tuning_configs(configs)]
+
+
+GPU_FWD_CONFIGS = per_head_block({
+    SMALL: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    MID: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
+    WIDE: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+})
 INTERP_BLOCK = 16
 from attnzoo.ops.attention.triton_backend import MIN_BLOCK  # noqa: E402,F401  (smallest kernel tile)
 
@@ -263,7 +270,9 @@ def prune_for_block_mask(configs, nargs, **kwargs):
         if bd not in c.head_blocks:
             continue
         out.append(c)
-    return out or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] == 16]
+    # the 16x16 tile divides every BlockMask block and fits every head (built here: under
+    # ATTNZOO_AUTOTUNE=first the lists hold only their first entry)
+    return out or [_config(16, 16, 4, 2, ALL)]
 
 
 _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "HAS_KPM", "HAS_EM", "IS_VARLEN",

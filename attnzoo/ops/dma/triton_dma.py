@@ -14,7 +14,11 @@ rank vector of the key tile and a cutoff vector of the query tile. Scores are ``
   head into an fp32 ``[B, H, Tk]`` buffer that the host sums to the bias' heads.
 
 So the work per query tile follows the number of key tiles that hold a kept key (about
-``keep_window / BLOCK_N`` plus scatter), not ``Tk``. Imports triton: import lazily.
+``keep_window / BLOCK_N`` plus scatter), not ``Tk``. Keys that no row of the tile keeps (padded keys among
+them) are never loaded, so NaN/inf in their K/V slots stays out (SPEC §0.3). Head dims are constexprs
+(128-bit tile loads); the skipped-tile test guards every K/V load, so these loops are not cp.async-pipelined
+(a visit list built before the loop would allow it). The softmax arithmetic comes from
+``attention/triton_common_jit``. Imports triton: import lazily.
 """
 
 from __future__ import annotations

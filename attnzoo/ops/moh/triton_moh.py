@@ -20,7 +20,8 @@ Backward (deterministic, no atomics):
   stream through the core's ``_bwd_q_inner``; dQ scattered to the active rows (inactive rows stay 0).
 * dK/dV: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in registers;
   loops over the query heads of the group and, for each, only over its packed active-row tiles that can
-  see this key tile. Inactive rows never enter: cost follows the active fraction.
+  see this key tile. Inactive rows never enter: cost follows the active fraction. (The per-tile reach
+  test guards the loads, so this loop is not cp.async-pipelined; key-padded K/V rows are never loaded.)
 
 Decode (a few new queries, no gradient): :func:`moh_decode` runs the core's split-K decode kernel with the
 gates instead -- one read of each K/V tile per GQA group, split across programs for long caches, and no
