@@ -6,13 +6,9 @@ packed tiles cross boundaries; fresh buffers are NaN-filled so unwritten active 
 """
 
 import contextlib
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["ATTNZOO_FILL_NAN"] = "1"
 
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402

@@ -15,10 +15,10 @@ from typing import List
 import torch
 
 from attnzoo import backends
+from attnzoo.ops.validate import MAX_DECODE_QUERIES  # new queries a decode step may bring
 
 KERNEL_DTYPES = backends.KERNEL_DTYPES
 MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it (triton_fwd imports it)
-MAX_DECODE_QUERIES = 16
 
 
 def _kernels():
@@ -120,9 +120,13 @@ def attention_triton(
         # the element test, and the mask itself is the partial tiles' element mask
         (kvn, kvi, fn, fi, em), (bq, bk) = _dense_mask_as_blocks(kern, mask, q.shape[0], q.shape[2], max_q, max_k)
         mask = None
-    o, lse = torch.ops.attnzoo.attention_fwd(
-        q, k, v, bias, mask, key_padding_mask, em, cu_seqlens_q, cu_seqlens_k, kvn, kvi, fn, fi,
-        float(scale), bool(causal), int(window[0]), int(window[1]), max_q, max_k, bq, bk,
+    masks = kern.F.Masks(
+        mask=mask, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        kv_num_blocks=kvn, kv_indices=kvi, full_kv_num_blocks=fn, full_kv_indices=fi, elem_mask=em,
+    )
+    o, lse, _stats = torch.ops.attnzoo.attention_fwd(
+        q=q, k=k, v=v, bias=bias, masks=masks.pack(), scale=float(scale), causal=bool(causal),
+        window=[int(window[0]), int(window[1])], max_seqlen=[max_q, max_k], block_size=[bq, bk],
     )
     return (o, lse) if return_lse else o
 
@@ -136,8 +140,8 @@ def attention_with_kvcache_triton(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     o, lse = torch.ops.attnzoo.attention_decode(
-        q, k_cache, v_cache, cache_seqlens.to(torch.int32),
-        block_table.to(torch.int32) if block_table is not None else None,
-        float(scale), bool(causal), int(window[0]), int(window[1]),
+        q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens.to(torch.int32),
+        block_table=block_table.to(torch.int32) if block_table is not None else None,
+        scale=float(scale), causal=bool(causal), window_left=int(window[0]), window_right=int(window[1]),
     )
     return (o, lse) if return_lse else o

@@ -53,7 +53,14 @@ the backward is deterministic, bit-for-bit run to run):
   small partial dim): the backward stays deterministic.
 
 What is skipped: as in the forward, tiles outside the causal/window band are never visited (the loop
-bounds come from the diagonal), and with a BlockMask only listed blocks are visited (the dK/dV kernel uses
+bounds come from the diagonal). dQ splits its key range into boundary tiles (bounds/band tested) and
+interior tiles (full key tiles inside the band of every row: no test); dK/dV keeps one loop that tests
+every query tile -- the same split there made ptxas spill (24-770 B/thread at sm_90, Triton 3.9) with the
+two fp32 accumulators live across three loops (``_bwd_kv_inner`` keeps its ``BOUNDARY`` switch for a
+later attempt). With a bias the scores stay in natural units and P is recomputed from the forward's row
+max and log2 of the row sum (``STATS``), not from the lse, which a -1e9/finfo.min bias rounds to the
+row max (SPEC §0.2). Key-padded K/V rows are never
+loaded (NaN/inf there stays out, SPEC §0.3). With a BlockMask only listed blocks are visited (the dK/dV kernel uses
 the transposed lists, "which query blocks see this key block", built on the host from the kv lists).
 Masked entries have ``P = 0`` so they contribute nothing; fully masked rows (lse = -inf) get zero
 gradients, never NaN.
@@ -63,14 +70,17 @@ This module imports triton: import it lazily (``attnzoo.ops.attention.triton_bac
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from attnzoo.ops.attention import triton_fwd as F
-from attnzoo.ops.attention.triton_fwd import _NO_SPEC, _seq_bounds, _visible
+from attnzoo.ops.attention.triton_common_jit import (
+    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, seq_bounds as _seq_bounds, split_range, visible as _visible,
+)
+from attnzoo.ops.attention.triton_fwd import _NO_SPEC
 
 _NO_SPEC_DKDV = _NO_SPEC + ["db_hdiv", "NB_IN", "NH_IN"]
 
@@ -91,57 +101,76 @@ def _db_store(ptrs, val, ok, ACCUM: tl.constexpr):
 
 @triton.jit
 def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                  q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                  q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D: tl.constexpr, DV: tl.constexpr,
                   bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                  db_base, sdbm, sdbn, scale_log2,
+                  db_base, sdbm, sdbn, qk_scale, sst,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BOUNDARY: tl.constexpr):
+    """One query tile of the dK/dV loop. ``BOUNDARY``: the tile (or this key tile) may cross a sequence
+    end or the causal/window band; otherwise both tiles are full and every pair is inside the band, so
+    no bounds or band test is made (data masks still apply)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = offs_m.to(tl.int64)
-    row_ok = offs_m < Tq
-    q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(lse_base + rows * slt, mask=row_ok, other=0.0)
-    delta = tl.load(delta_base + rows * slt, mask=row_ok, other=0.0)
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
+    row_ok = offs_m < Tq if BOUNDARY else offs_m >= 0
+    if BOUNDARY:
+        q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        row_m = tl.load(lse_base + rows * slt, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows * slt, mask=row_ok, other=0.0)
+        if HAS_BIAS:
+            row_l = tl.load(lse_base + sst + rows * slt, mask=row_ok, other=0.0)
+    else:
+        q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=offs_d[None, :] < D, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, mask=offs_dv[None, :] < DV, other=0.0)
+        row_m = tl.load(lse_base + rows * slt)
+        delta = tl.load(delta_base + rows * slt)
+        if HAS_BIAS:
+            row_l = tl.load(lse_base + sst + rows * slt)
+    if not HAS_BIAS:  # lse_base is the lse: bring it to the log2 domain
+        row_m = lse_log2(row_m)
+        row_l = row_m
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [N, M]
     qi = offs_m[None, :]
     kj = offs_n[:, None]
     if HAS_BIAS:
-        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
-        st += bv.to(tl.float32) * 1.4426950408889634
-    keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                    em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dst = pt * (dpt - delta[None, :])  # dS^T = d loss / d (scores incl. bias), [N, M]
+        if BOUNDARY:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        else:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn)
+        st += bv.to(tl.float32)
+    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
+    keep = qi  # unused unless MASKED
+    if MASKED:
+        keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+    dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, row_m, row_l, delta, DOT_PREC, MASKED, HAS_BIAS)
+    # dst: dS^T = d loss / d (scores incl. bias), [N, M]
     if DB_MODE == 1:  # per-query bias: the tile itself
         _db_store(db_base + qi.to(tl.int64) * sdbm + kj * sdbn, dst, (qi < Tq) & (kj < Tk), DB_ACCUM)
     if DB_MODE == 2:  # per-key bias: sum over the query rows, kept in registers
         db_row += tl.sum(dst, 1)
-    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv, db_row
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_DKDV)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, DO, LSE, STATS, DELTA, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdbb, sdbh, sdbm, sdbn,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
-    H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
-    scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
+    H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
+    scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
     DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Here the block-mask lists are transposed: per (b, h, key block) the query blocks that see it,
@@ -159,6 +188,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    qk_scale = scale if HAS_BIAS else scale_log2  # with a bias the scores stay in natural units
     for bi in range(0, NB_IN):
         b = b_grp * NB_IN + bi
         q0, Tq, k0, Tk = _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN)
@@ -168,6 +198,9 @@ def _attn_bwd_dkdv_kernel(
             col_ok = offs_n < Tk
             diag = Tk - Tq
             kpm_base = KPM + b64 * skpb + k0 * 0
+            kv_ok = col_ok
+            if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+                kv_ok = kv_ok & (tl.load(kpm_base + offs_n * skpn, mask=col_ok, other=0) != 0)
             # query range [lo, hi) whose causal/window band reaches this key tile
             lo = Tq * 0
             hi = Tq
@@ -178,9 +211,9 @@ def _attn_bwd_dkdv_kernel(
             for hi_ in range(0, NH_IN):
                 hkv = h_grp * NH_IN + hi_
                 k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                            mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                            mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
                 v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                            mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                            mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
                 dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
                 for g in range(0, G):
@@ -188,7 +221,8 @@ def _attn_bwd_dkdv_kernel(
                     q0_64 = q0.to(tl.int64)
                     q_base = Q + b64 * sqb + h * sqh + q0_64 * sqt
                     do_base = DO + b64 * sdob + h * sdoh + q0_64 * sdot
-                    lse_base = LSE + b64 * slb + h * slh + q0_64 * slt
+                    # with a bias: the forward's row max and log2 l (STATS), else the lse
+                    lse_base = (STATS if HAS_BIAS else LSE) + b64 * slb + h * slh + q0_64 * slt
                     delta_base = DELTA + b64 * slb + h * slh + q0_64 * slt
                     bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
                     mask_base = Mask + b64 * smb + (h // mask_hdiv).to(tl.int64) * smh
@@ -213,20 +247,22 @@ def _attn_bwd_dkdv_kernel(
                                             dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                             q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
                                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                            db_base, sdbm, sdbn, scale_log2,
+                                            db_base, sdbm, sdbn, qk_scale, sst,
                                             HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
                                             HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                            DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                            DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     else:
-                        lo_m = (lo // BLOCK_M) * BLOCK_M
-                        for start_m in range(lo_m, hi, BLOCK_M):
+                        # One loop, every query tile tested: splitting it into boundary/interior loops (as the
+                        # forward and dQ do) made ptxas spill 24-770 B/thread in most dK/dV tiles at sm_90
+                        # (two [BLOCK_N, head] fp32 accumulators stay live across the three loops).
+                        for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
                             dk, dv, db_row = _bwd_kv_inner(
                                 dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                 q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
                                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                db_base, sdbm, sdbn, scale_log2,
+                                db_base, sdbm, sdbn, qk_scale, sst,
                                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                                DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     if DB_MODE == 2:
                         _db_store(db_base + offs_n * sdbn, db_row, col_ok, DB_ACCUM)
 
@@ -238,52 +274,62 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_q_inner(dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-                 k_base, v_base, skt, skd, svt, svd, D, DV,
+def _bwd_q_inner(dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                 k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
                  bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                 ds_base, sdsm, sdsn, scale_log2,
+                 qk_scale,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOUNDARY: tl.constexpr):
+    """One key tile of the dQ loop (also used by MoH); ``BOUNDARY`` and ``qk_scale`` as in the forward's
+    ``_fwd_inner``; ``row_m``/``row_l`` as in ``triton_common_jit.probs`` (both the log2 lse without a
+    bias)."""
+    start_n = tl.multiple_of(start_n, BLOCK_N)  # every loop starts on the tile grid: aligned bias/mask rows
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_k = offs_n.to(tl.int64)
-    col_ok = offs_n < Tk
-    k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd,
-                 mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    k_ok = offs_n < Tk if BOUNDARY else offs_n >= 0
+    if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+        k_ok = k_ok & (tl.load(kpm_base + offs_n * skpn, mask=offs_n < Tk, other=0) != 0)
+    if BOUNDARY or HAS_KPM:
+        k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd,
+                    mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd,
+                     mask=k_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    else:
+        k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd, mask=offs_d[None, :] < D, other=0.0)
+        vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd, mask=offs_dv[:, None] < DV, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     qi = offs_m[:, None]
     kj = offs_n[None, :]
-    inb = (qi < Tq) & (kj < Tk)
     if HAS_BIAS:
-        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=inb, other=0.0)
-        s += bv.to(tl.float32) * 1.4426950408889634
-    keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                    em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
-    p = tl.math.exp2(tl.where(keep, s - lse2[:, None], float("-inf")))
-    dp = tl.dot(do, vt, input_precision=DOT_PREC)
-    ds = p * (dp - delta[:, None])
-    if STORE_DS:  # (kept for callers outside the core, e.g. MoH; the core's dbias comes from dK/dV)
-        tl.store(ds_base + qi.to(tl.int64) * sdsm + kj * sdsn, ds, mask=inb)
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if BOUNDARY:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        else:  # interior: keys in range, only a partial query tile's rows are bounded
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=qi < Tq, other=0.0)
+        s += bv.to(tl.float32)
+    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
+    keep = qi  # unused unless MASKED
+    if MASKED:
+        keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+    dq, _ds = dq_step(dq, do, k, vt, s, keep, row_m, row_l, delta, DOT_PREC, MASKED, HAS_BIAS)
     return dq
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, DO, LSE, STATS, DELTA, DQ, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdqb, sdqt, sdqh, sdqd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
-    H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
-    scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
+    H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
+    scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -305,9 +351,15 @@ def _attn_bwd_dq_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b64 * sdob + h * sdoh + rows_q[:, None] * sdot + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    if HAS_BIAS:  # natural-unit scores: the forward's row max and log2 l
+        row_m = tl.load(STATS + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
+        row_l = tl.load(STATS + sst + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0)
+        qk_scale = scale
+    else:
+        row_m = lse_log2(tl.load(LSE + b64 * slb + h * slh + rows_q * slt, mask=row_ok, other=0.0))
+        row_l = row_m
+        qk_scale = scale_log2
     k_base = K + b64 * skb + hkv * skh + k0.to(tl.int64) * skt
     v_base = V + b64 * svb + hkv * svh + k0.to(tl.int64) * svt
     bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
@@ -338,44 +390,68 @@ def _attn_bwd_dq_kernel(
                     start_n = kb * BM_BK + sub * BLOCK_N
                     if (start_n < hi) & (start_n + BLOCK_N > lo):
                         dq = _bwd_q_inner(
-                            dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                            dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            Q, 0, 0, scale_log2,
+                            qk_scale,
                             HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False, HAS_LEFT, HAS_RIGHT,
-                            False, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV)
+                            DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, hi, BLOCK_N):
+        # interior key tiles (as in the forward): no bounds or band test
+        ilo = Tk * 0
+        ihi = Tk
+        if HAS_LEFT:
+            ilo = tl.minimum(start_m + BLOCK_M, Tq) - 1 + diag - win_left
+        if HAS_RIGHT:
+            ihi = tl.minimum(start_m + diag + win_right + 1, Tk)
+        mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+        for start_n in range(lo, mid_lo, BLOCK_N):
             dq = _bwd_q_inner(
-                dq, q, do, lse2, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                Q, 0, 0, scale_log2,
-                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
-                BLOCK_N, BLOCK_D, BLOCK_DV)
+                qk_scale,
+                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
+        for start_n in range(mid_lo, mid_hi, BLOCK_N):
+            dq = _bwd_q_inner(
+                dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                qk_scale,
+                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, False)
+        for start_n in range(mid_hi, hi, BLOCK_N):
+            dq = _bwd_q_inner(
+                dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                qk_scale,
+                HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
 
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows_q[:, None] * sdqt + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-# As the forward's (triton_fwd.GPU_FWD_CONFIGS): per head block, the tiles that compile for sm_90 without
-# spilling. dK/dV keeps two [BLOCK_N, head] fp32 accumulators: at head block 128 that needs 8 warps and
-# BLOCK_N <= 64 (BLOCK_N = 128 spilled 128-700 B/thread), at 256 BLOCK_M * BLOCK_N <= 1024.
-_SM, _MID, _WIDE, _ALL = F.SMALL, F.MID, F.WIDE, F.ALL
-GPU_DKDV_CONFIGS = [
-    (32, 128, 8, 2, _SM), (64, 128, 8, 2, _SM), (32, 64, 4, 2, _SM), (64, 64, 4, 2, _SM),
-    (32, 64, 8, 2, _MID), (64, 32, 8, 2, _MID), (64, 64, 8, 2, _MID), (32, 32, 8, 2, _MID),
-    (64, 16, 8, 2, _WIDE), (32, 32, 8, 2, _WIDE), (32, 16, 8, 2, _WIDE), (16, 32, 8, 2, _WIDE),
-    (16, 32, 4, 2, _SM + _MID), (16, 16, 4, 2, _ALL),
-]
-GPU_DQ_CONFIGS = [
-    (128, 64, 8, 2, _SM + _MID), (64, 64, 4, 2, _SM + _MID), (128, 32, 8, 2, _SM + _MID), (64, 32, 4, 2, _SM + _MID),
-    (32, 16, 4, 2, _SM + _MID),
-    (32, 64, 8, 2, _WIDE), (32, 32, 8, 2, _WIDE), (16, 64, 8, 2, _WIDE), (16, 32, 4, 2, _WIDE),
-    (16, 16, 4, 2, _ALL),
-]
+# As the forward's (triton_fwd.GPU_FWD_CONFIGS): per head block at most 6 tiles that compile for sm_90
+# without spilling (Triton 3.9), each list cut by tuning_configs. dK/dV keeps two [BLOCK_N, head] fp32
+# accumulators: at head block 128 that needs 8 warps and BLOCK_N <= 64 (64x64 spilled 72-176 B/thread),
+# at 256 BLOCK_M * BLOCK_N <= 1024 (all listed: 0 B); at head block 64, 64x64/4 warps (24 B with a bias),
+# 64x128/8 (16 B) and 16x32/4 (8-32 B) spilled. dQ at head block 64: 32x16 spilled 8 B with key padding.
+_SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
+GPU_DKDV_CONFIGS = F.per_head_block({
+    _SM: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 16, 4, 2)],
+    _MID: [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+})
+GPU_DQ_CONFIGS = F.per_head_block({
+    _SM: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (16, 16, 4, 2)],
+    _MID: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+    _WIDE: [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+})
 
 
 def transpose_block_lists(num: Optional[torch.Tensor], idx: Optional[torch.Tensor], n_kblocks: int):
@@ -443,22 +519,20 @@ def dbias_plan(bias_shape, bias_dtype, B: int, H: int, Hkv: int, Tq: int, Tk: in
 
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
 def attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    dlse: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-    elem_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    kv_num_blocks: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor],
-    full_kv_num_blocks: Optional[torch.Tensor], full_kv_indices: Optional[torch.Tensor],
-    scale: float, causal: bool, window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int,
-    block_q: int, block_k: int, need_dbias: bool,
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, lse: torch.Tensor,
+    stats: torch.Tensor, bias: Optional[torch.Tensor], masks: List[Optional[torch.Tensor]],
+    scale: float, causal: bool, window: List[int], max_seqlen: List[int], block_size: List[int], need_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dbias)``; ``dbias`` has the bias' own shape and dtype when ``need_dbias``
-    (else it is an empty fp32 tensor)."""
-    varlen = cu_seqlens_q is not None
-    args, (B, H, Hkv, G, Tq, Tk, D, DV) = F.common_args(
-        q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right, max_seqlen_q, max_seqlen_k,
-        block_q, block_k)
+    (else it is an empty fp32 tensor). ``delta = rowsum(dO * O) - dlse`` laid out like ``lse`` (fp32);
+    ``lse``, ``stats`` and ``masks`` .. ``block_size`` as from / for ``attnzoo::attention_fwd``."""
+    m = F.unpack_masks(masks)
+    varlen = m.cu_seqlens_q is not None
+    kv_num_blocks, kv_indices = m.kv_num_blocks, m.kv_indices
+    full_kv_num_blocks, full_kv_indices = m.full_kv_num_blocks, m.full_kv_indices
+    block_k = block_size[1]
+    args, (B, H, Hkv, G, Tq, Tk, D, DV) = F.args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen,
+                                                         block_size)
     need_dbias = bool(need_dbias and bias is not None)
     dq = F.new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = F.new_output(k.shape, dtype=k.dtype, device=k.device)
@@ -473,15 +547,12 @@ def attention_bwd(
     if k.numel() == 0 or q.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, _finish_dbias(db, bias) if need_dbias else no_db
-    # delta = rowsum(dO * O) - dlse, laid out like lse
-    delta = (do.float() * o.float()).sum(-1)  # [B, Tq, H] or [Nq, H]
-    delta = delta.t() if varlen else delta.transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse.float()
     delta = delta.contiguous()
     lse = lse.contiguous()
+    has_stats = bias is not None and stats.numel() > 0
+    stats = stats.contiguous() if has_stats else lse
     sdo = F._bhq(do, varlen)
-    args.update(DO=do, LSE=lse, DELTA=delta, scale=scale,
+    args.update(DO=do, LSE=lse, STATS=stats, sst=stats.stride(0) if has_stats else 0, DELTA=delta, scale=scale,
                 sdob=sdo[0], sdot=sdo[1], sdoh=sdo[2], sdod=sdo[3])
     args["slb"], args["slh"], args["slt"] = F.lse_strides(lse, varlen)
 
@@ -525,9 +596,8 @@ def _finish_dbias(db: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, o, lse, dlse, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q,
-                        cu_seqlens_k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, scale, causal,
-                        window_left, window_right, max_seqlen_q, max_seqlen_k, block_q, block_k, need_dbias):
+def _attention_bwd_fake(do, q, k, v, delta, lse, stats, bias, masks, scale, causal, window, max_seqlen, block_size,
+                        need_dbias):
     if need_dbias and bias is not None:
         db = bias.new_empty(bias.shape)
     else:
@@ -538,24 +608,29 @@ def _attention_bwd_fake(do, q, k, v, o, lse, dlse, bias, mask, key_padding_mask,
 # ----------------------------------------------------------------------------------------------------
 # Autograd of attnzoo::attention_fwd
 
-_N_INPUTS = 21  # attention_fwd's argument count
+_N_INPUTS = 10  # attention_fwd's argument count: q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi,
-     scale, causal, wl, wr, max_q, max_k, bq, bk) = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi)
-    ctx.params = (scale, causal, wl, wr, max_q, max_k, bq, bk)
+    q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size = inputs
+    o, lse, stats = output
+    ctx.save_for_backward(q, k, v, o, lse, stats, bias, *masks)
+    ctx.params = dict(scale=scale, causal=causal, window=window, max_seqlen=max_seqlen, block_size=block_size)
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi = ctx.saved_tensors
+def _backward(ctx, do, dlse, _dstats):
+    q, k, v, o, lse, stats, bias, *masks = ctx.saved_tensors
     need_dbias = bias is not None and ctx.needs_input_grad[3]
     if do is None:
         do = torch.zeros_like(o)
+    # delta = rowsum(dO * O) - dlse, laid out like lse ([B, H, Tq], or [H, Nq] varlen)
+    delta = (do.float() * o.float()).sum(-1)
+    delta = delta.t() if masks[2] is not None else delta.transpose(1, 2)
+    if dlse is not None:
+        delta = delta - dlse.float()
     dq, dk, dv, dbias = torch.ops.attnzoo.attention_bwd(
-        do, q, k, v, o, lse, dlse, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, *ctx.params, need_dbias)
+        do=do, q=q, k=k, v=v, delta=delta.contiguous(), lse=lse, stats=stats, bias=bias, masks=list(masks),
+        need_dbias=need_dbias, **ctx.params)
     return (dq, dk, dv, dbias if need_dbias else None) + (None,) * (_N_INPUTS - 4)
 
 

@@ -18,7 +18,9 @@ does no work). Causal is bottom-right per batch: new token ``t`` sits at positio
 MoH (``gates [B, Tn, H]``, :func:`decode_launch`): rows with gate 0 are masked out of every key tile, a
 program none of whose rows is active reads no K/V (so kv heads left without an active query head cost
 nothing but the launch), and the merge multiplies by the gate.
-Precision as in the forward kernel (fp32 accumulation, IEEE fp32 dots for fp32 inputs).
+Precision as in the forward kernel (fp32 accumulation, IEEE fp32 dots for fp32 inputs). Head dims are
+constexprs: K/V tiles stream through 16-byte ``cp.async``; keys at or past ``cache_seqlens`` are masked out
+of the loads, so whatever stale slots hold (NaN, inf) never contributes (SPEC §0.3).
 
 Launch shape: fixed heuristic tiles (not autotuned): BLOCK_N = 64 for rows of <= 256 bytes (fp16 D <= 128),
 smaller for wider rows, so the pipelined K/V tiles fit shared memory; 16 under the interpreter.
@@ -36,18 +38,20 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as F
+from attnzoo.ops.attention.triton_common_jit import softmax_finish, softmax_step
 
 MAX_ROWS_PER_PROGRAM = 64
 
 
-@triton.jit(do_not_specialize=["Tn", "G", "Hkv", "D", "DV", "page_size", "keys_per_split", "win_left",
+@triton.jit(do_not_specialize=["Tn", "G", "Hkv", "page_size", "keys_per_split", "win_left",
                                "win_right", "R"])
 def _decode_kernel(
     Q, K, V, Lens, BT, Gates, OP, LP,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sbtb, sbtp, sgb, sgt, sgh,
     sopb, soph, sops, sopr, sopd, slpb, slph, slps, slpr,
-    Tn, G, Hkv, D, DV, R, page_size, keys_per_split, scale_log2, win_left, win_right,
+    Tn, G, Hkv, D: tl.constexpr, DV: tl.constexpr, R, page_size, keys_per_split, scale_log2, win_left, win_right,
     PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_GATES: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -106,32 +110,23 @@ def _decode_kernel(
             if HAS_RIGHT:
                 keep = keep & (dd <= win_right)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_off[:, None] + hkv * svh + offs_dv[None, :] * svd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC, False)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
     base_o = OP + b64 * sopb + hkv * soph + pid_s * sops
     tl.store(base_o + offs_r[:, None] * sopr + offs_dv[None, :] * sopd, o,
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LP + b64 * slpb + hkv * slph + pid_s * slps + offs_r * slpr, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["S", "G", "Hkv", "Tn", "DV", "R"])
+@triton.jit(do_not_specialize=["S", "G", "Hkv", "Tn", "R"])
 def _decode_merge_kernel(
     OP, LP, O, LSE, Gates,
     sopb, soph, sops, sopr, sopd, slpb, slph, slps, slpr,
     sob, sot, soh, sod, slb, slh, slt, sgb, sgt, sgh,
-    S, G, Hkv, Tn, DV, R,
+    S, G, Hkv, Tn, DV: tl.constexpr, R,
     HAS_GATES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # over (b, hkv, r)
@@ -185,12 +180,12 @@ def decode_launch(
     R = G * Tn
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    o = F.new_output((B, Tn, H, DV), dtype=q.dtype, device=q.device)
-    lse = F.new_output((B, H, Tn), dtype=torch.float32, device=q.device)
+    o = TC.new_output((B, Tn, H, DV), dtype=q.dtype, device=q.device)
+    lse = TC.new_output((B, H, Tn), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    interp = F.interpreter()
-    bd = F.head_block(max(D, DV))
+    interp = TC.interpreter()
+    bd = TC.head_block(max(D, DV))
     row_bytes = bd * q.element_size()  # bytes of one K (or V) row in shared memory
     block_n = 16 if interp else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
     num_stages = 3 if q.element_size() == 2 else 2
@@ -205,8 +200,8 @@ def decode_launch(
     keys_per_split = triton.cdiv(n_tiles, splits) * block_n
     splits = triton.cdiv(capacity, keys_per_split) if capacity > 0 else 1
 
-    op = F.new_output((B, Hkv, splits, R, DV), dtype=torch.float32, device=q.device)
-    lp = F.new_output((B, Hkv, splits, R), dtype=torch.float32, device=q.device)
+    op = TC.new_output((B, Hkv, splits, R, DV), dtype=torch.float32, device=q.device)
+    lp = TC.new_output((B, Hkv, splits, R), dtype=torch.float32, device=q.device)
     right = 0 if causal else window_right
     bt = block_table if paged else cache_seqlens
     has_gates = gates is not None
@@ -217,15 +212,15 @@ def decode_launch(
         *(block_table.stride() if paged else (0, 0)), *g_strides,
         *op.stride(), *lp.stride(),
         Tn, G, Hkv, D, DV, R, k_cache.shape[1] if paged else 1, keys_per_split,
-        scale * F.LOG2E, max(window_left, 0), max(right, 0),
+        scale * TC.LOG2E, max(window_left, 0), max(right, 0),
         PAGED=paged, HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0, HAS_GATES=has_gates,
-        DOT_PREC=F.dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=F.head_block(D),
-        BLOCK_DV=F.head_block(DV), num_warps=4, num_stages=num_stages,
+        DOT_PREC=F.dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=TC.head_block(D),
+        BLOCK_DV=TC.head_block(DV), num_warps=4, num_stages=num_stages,
     )
     _decode_merge_kernel[(B * Hkv * R,)](
         op, lp, o, lse, g_arg, *op.stride(), *lp.stride(), *o.stride(), *lse.stride(), *g_strides,
         splits, G, Hkv, Tn, DV, R,
-        HAS_GATES=has_gates, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=F.head_block(DV), num_warps=4,
+        HAS_GATES=has_gates, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=TC.head_block(DV), num_warps=4,
     )
     return o, lse
 

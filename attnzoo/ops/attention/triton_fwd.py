@@ -11,13 +11,25 @@ key padding, block-mask element mask, sequence ends) sets ``-inf``; online softm
 (the running max is replaced by 0 while it is ``-inf``, so no ``-inf - -inf`` NaN ever forms).
 
 What is skipped. With causal/window only the key tiles that intersect the visible band of this query tile
-are visited (the loop bounds come from the diagonal ``j - i = Tk - Tq``); with a BlockMask the program
+are visited (the loop bounds come from the diagonal ``j - i = Tk - Tq``). That loop is cut in three
+(``triton_common_jit.split_range``, as FlashAttention-2 and Triton's fused-attention tutorial do): boundary
+tiles left of the band's interior (window edge), interior tiles -- full, and inside the band of every row of
+the query tile -- which load K/V without bounds masks and make no bounds/band test at all (only the data
+masks: dense mask, key padding), and boundary tiles on the diagonal / at the sequence end.
+
+With a bias, scores stay in natural units (``S = scale Q K^T + bias``; exp2 of differences times log2 e):
+a finite bias is arithmetic even at finfo.min, whose log2-domain image would overflow to -inf (SPEC
+§0.2). The forward then also stores each row's max and log2 of its sum (``STATS``) for the backward. With a BlockMask the program
 walks only the key blocks listed for its (batch, head, query block) -- full blocks without the element
 mask, partial ones with it -- so unlisted key blocks are never loaded. Kernel tiles must divide the
 BlockMask's blocks (checked by the backend's ``supports``).
 
 Layout BTHD with all strides passed (non-contiguous inputs work, broadcast bias/mask dims have stride 0);
-varlen adds ``cu_seqlens`` offsets. Head dims are padded to a power of two (>= 16) with load masks.
+varlen adds ``cu_seqlens`` offsets. Head dims ``D``/``DV`` are compile-time constants, padded to a power of
+two (>= 16) with load masks that fold away when the head dim is already one: tiles then load with 128-bit
+loads and the loop's K/V loads are pipelined (16-byte ``cp.async``) on sm_80+. Keys excluded by key
+padding are never loaded (their slots may hold NaN/inf, SPEC §0.3). The softmax arithmetic (visibility
+test, online-softmax step, epilogue) is shared with decode/MoH/DMA in ``triton_common_jit``.
 Precision: fp16/bf16 dots accumulate in fp32; fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``,
 no TF32), so fp32 results match an fp32 reference.
 
@@ -30,44 +42,23 @@ This module imports triton: import it lazily (``attnzoo.ops.attention.triton_bac
 
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from attnzoo.ops.triton_common import (  # noqa: F401  (re-exported: kernel modules use F.interpreter() etc.)
+    LN2, LOG2E, fill_nan, head_block, interpreter, length_bucket, new_output, tuning_configs,
+)
+from attnzoo.ops.attention.triton_common_jit import (  # noqa: F401  (_seq_bounds/_visible: older names)
+    LOG2E as LOG2E_C, seq_bounds as _seq_bounds, softmax_finish, softmax_step, split_range, visible as _visible,
+)
 
 # Scalar int args that may be 1 must not be specialized into constants (keeps one compiled kernel and
-# avoids constexpr/tensor type mixing in min/max); strides may be.
-_NO_SPEC = ["H", "G", "Tq_arg", "Tk_arg", "D", "DV", "Mq_bm", "Nk_bm", "win_left", "win_right",
+# avoids constexpr/tensor type mixing in min/max); strides may be. Head dims are constexprs (D, DV).
+_NO_SPEC = ["H", "G", "Tq_arg", "Tk_arg", "Mq_bm", "Nk_bm", "win_left", "win_right",
             "bias_hdiv", "mask_hdiv", "Q_BUCKET", "K_BUCKET"]
-
-
-def interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def fill_nan() -> bool:
-    """Test mode: fresh output buffers start as NaN so unwritten elements show up."""
-    return os.environ.get("ATTNZOO_FILL_NAN", "0") == "1"
-
-
-def new_output(shape, *, dtype, device) -> torch.Tensor:
-    if fill_nan():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def bucket(n: int) -> int:
-    """Autotuning key for a sequence length: its power-of-two bucket (clamped), not the raw length."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
-
-
-def head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -75,83 +66,51 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared device helpers (also used by the backward kernels)
-
-
-@triton.jit
-def _visible(qi, kj, Tq, Tk, diag, win_left, win_right,
-             mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
-             HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr):
-    """Keep-mask for query positions ``qi`` and key positions ``kj`` (broadcastable 2-D index tensors,
-    either orientation). ``diag = Tk - Tq``; window bounds already include causal (right = 0)."""
-    inb = (qi < Tq) & (kj < Tk)
-    keep = inb
-    if HAS_LEFT or HAS_RIGHT:
-        d = kj - qi - diag
-        if HAS_LEFT:
-            keep = keep & (d >= -win_left)
-        if HAS_RIGHT:
-            keep = keep & (d <= win_right)
-    if HAS_MASK:
-        mv = tl.load(mask_base + qi * smm + kj * smn, mask=inb, other=0)
-        keep = keep & (mv != 0)
-    if HAS_KPM:
-        kv = tl.load(kpm_base + kj * skpn, mask=kj < Tk, other=0)
-        keep = keep & (kv != 0)
-    if APPLY_EM:
-        ev = tl.load(em_base + qi * sem + kj * sen, mask=inb, other=0)
-        keep = keep & (ev != 0)
-    return keep
+# Inner loop step (also used by MoH)
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-               k_base, v_base, skt, skd, svt, svd, D, DV,
+               k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-               scale_log2,
+               qk_scale,
                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BOUNDARY: tl.constexpr):
+    """One key tile of the forward. ``BOUNDARY``: the tile may cross the sequence end or the causal/window
+    band (bounds-masked loads, band test); otherwise it is interior and tests only the data masks.
+    ``qk_scale``: ``scale * log2(e)`` (log2-domain scores), or ``scale`` with a bias (natural units: the
+    bias is added as it is, see ``softmax_step``)."""
+    start_n = tl.multiple_of(start_n, BLOCK_N)  # every loop starts on the tile grid: aligned bias/mask rows
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_k = offs_n.to(tl.int64)
-    kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
-                 mask=(offs_n[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+    k_ok = offs_n < Tk if BOUNDARY else offs_n >= 0
+    if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+        k_ok = k_ok & (tl.load(kpm_base + offs_n * skpn, mask=offs_n < Tk, other=0) != 0)
+    if BOUNDARY or HAS_KPM:
+        kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
+                     mask=k_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
+                    mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd, mask=offs_d[:, None] < D, other=0.0)
+        v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd, mask=offs_dv[None, :] < DV, other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     qi = offs_m[:, None]
     kj = offs_n[None, :]
     if HAS_BIAS:
-        bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
-        s += bv.to(tl.float32) * 1.4426950408889634
-    keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                    em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM)
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < Tk) & (offs_dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        q0 = tl.load(CuQ + b)
-        Tq = tl.load(CuQ + b + 1) - q0
-        k0 = tl.load(CuK + b)
-        Tk = tl.load(CuK + b + 1) - k0
-    else:
-        q0 = b * 0
-        k0 = b * 0
-        Tq = b * 0 + Tq_arg
-        Tk = b * 0 + Tk_arg
-    return q0, Tq, k0, Tk
+        if BOUNDARY:
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=(qi < Tq) & (kj < Tk), other=0.0)
+        else:  # interior: keys in range, only a partial query tile's rows are bounded
+            bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=qi < Tq, other=0.0)
+        s += bv.to(tl.float32)
+    if BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM:
+        keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+        s = tl.where(keep, s, float("-inf"))
+    return softmax_step(acc, l_i, m_i, s, v, DOT_PREC, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,15 +119,15 @@ def _seq_bounds(CuQ, CuK, b, Tq_arg, Tk_arg, IS_VARLEN: tl.constexpr):
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    Q, K, V, O, LSE, STATS, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, slb, slh, slt,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
-    H, G, Tq_arg, Tk_arg, D, DV, Mq_bm, Nk_bm,
-    scale_log2, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
+    H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
+    scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -194,6 +153,7 @@ def _attn_fwd_kernel(
     kpm_base = KPM + b64 * skpb
     em_base = EM + b64 * seb + h.to(tl.int64) * seh
     diag = Tk - Tq
+    qk_scale = scale if HAS_BIAS else scale_log2  # with a bias the scores stay in natural units
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -224,44 +184,73 @@ def _attn_fwd_kernel(
                             acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                             k_base, v_base, skt, skd, svt, svd, D, DV,
                             bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
-                            HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV)
+                            qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
+                            HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, hi, BLOCK_N):
+        # interior key tiles: inside [0, Tk) and inside the band of every row of this query tile
+        ilo = Tk * 0
+        ihi = Tk
+        if HAS_LEFT:
+            ilo = tl.minimum(start_m + BLOCK_M, Tq) - 1 + diag - win_left
+        if HAS_RIGHT:
+            ihi = tl.minimum(start_m + diag + win_right + 1, Tk)
+        mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+        for start_n in range(lo, mid_lo, BLOCK_N):  # boundary tiles left of the interior (window)
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                scale_log2, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                BLOCK_N, BLOCK_D, BLOCK_DV)
+                qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
+        for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, False)
+        for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles: the diagonal, the sequence end
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                k_base, v_base, skt, skd, svt, svd, D, DV,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                BLOCK_N, BLOCK_D, BLOCK_DV, True)
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o, lse, m_row, log2l = softmax_finish(acc, l_i, m_i, HAS_BIAS)
     row_ok = offs_m < Tq
     tl.store(O + b64 * sob + h * soh + rows_q[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b64 * slb + h * slh + rows_q * slt, lse, mask=row_ok)
+    if HAS_BIAS:  # the lse's two halves for the backward (see softmax_finish), laid out like lse
+        tl.store(STATS + b64 * slb + h * slh + rows_q * slt, m_row, mask=row_ok)
+        tl.store(STATS + sst + b64 * slb + h * slh + rows_q * slt, log2l, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, head blocks) tried on a GPU, each only for the head blocks
-# (max(BLOCK_D, BLOCK_DV)) it is listed for; the interpreter uses one small fixed tile so tests cross tile
-# boundaries with tiny shapes. The lists come from compiling every candidate for sm_90 with
-# tools/cross_compile.py (fp16/bf16, Triton 3.9, checked again on 3.6): a config is offered for a head block
-# only if it spills no registers there in the common variants (e.g. 128x128 tiles spill at head block 128; at 256 only tiles of
-# <= 64x32 with 8 warps fit). Which of them is fastest is the autotuner's call on the GPU.
+# Autotune lists: per head block (max(BLOCK_D, BLOCK_DV)) at most 6 (BLOCK_M, BLOCK_N, num_warps,
+# num_stages), each compiled for sm_90 with tools/cross_compile.py (Triton 3.9; causal, plain, window, bias,
+# dense mask, key padding, varlen) and kept only where it spills nothing: the forward spills in none of
+# these (max 254 registers, 128x128 tiles at head block 64); at 256 only tiles of <= 64x32 with 8 warps
+# are offered. Each list goes through triton_common.tuning_configs, so ATTNZOO_AUTOTUNE=first compiles only
+# its first entry. The interpreter uses one small fixed tile so tests cross tile boundaries with tiny shapes.
 SMALL, MID, WIDE, ALL = (16, 32, 64), (128,), (256,), (16, 32, 64, 128, 256)
-GPU_FWD_CONFIGS = [
-    (128, 64, 8, 3, SMALL + MID), (128, 128, 8, 2, SMALL), (64, 64, 4, 3, SMALL + MID), (64, 32, 4, 3, SMALL + MID),
-    (32, 32, 4, 2, SMALL + MID),
-    (64, 32, 8, 2, WIDE), (32, 64, 8, 2, WIDE), (64, 16, 8, 2, WIDE), (32, 32, 8, 2, WIDE),
-    (16, 16, 4, 2, ALL),
-]
+
+
+def per_head_block(table):
+    """``{head blocks: [(BLOCK_M, BLOCK_N, warps, stages), ...]}`` -> ``(BLOCK_M, BLOCK_N, warps, stages,
+    head blocks)`` tuples, each list cut by ``tuning_configs`` (its first entry under ATTNZOO_AUTOTUNE=first)."""
+    return [(*c, hbs) for hbs, configs in table.items() for c in tuning_configs(configs)]
+
+
+GPU_FWD_CONFIGS = per_head_block({
+    SMALL: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    MID: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
+    WIDE: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+})
 INTERP_BLOCK = 16
 from attnzoo.ops.attention.triton_backend import MIN_BLOCK  # noqa: E402,F401  (smallest kernel tile)
 
@@ -281,7 +270,9 @@ def prune_for_block_mask(configs, nargs, **kwargs):
         if bd not in c.head_blocks:
             continue
         out.append(c)
-    return out or [c for c in configs if c.kwargs["BLOCK_M"] == 16 and c.kwargs["BLOCK_N"] == 16]
+    # the 16x16 tile divides every BlockMask block and fits every head (built here: under
+    # ATTNZOO_AUTOTUNE=first the lists hold only their first entry)
+    return out or [_config(16, 16, 4, 2, ALL)]
 
 
 _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "HAS_KPM", "HAS_EM", "IS_VARLEN",
@@ -378,10 +369,10 @@ def common_args(q, k, v, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, scal
     a.update(
         H=H, G=G, Tq_arg=Tq, Tk_arg=Tk, D=D, DV=DV,
         Mq_bm=kvn.shape[-1] if kvn is not None else 0, Nk_bm=kvi.shape[-1] if kvi is not None else 0,
-        scale_log2=scale * LOG2E, win_left=max(window_left, 0), win_right=max(right, 0),
+        scale_log2=scale * LOG2E, scale=scale, win_left=max(window_left, 0), win_right=max(right, 0),
         bias_hdiv=(H // bias.shape[1]) if bias is not None and bias.shape[1] not in (1, H) else 1,
         mask_hdiv=(H // mask.shape[1]) if mask is not None and mask.shape[1] not in (1, H) else 1,
-        Q_BUCKET=bucket(Tq), K_BUCKET=bucket(Tk),
+        Q_BUCKET=length_bucket(Tq), K_BUCKET=length_bucket(Tk),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_KPM=kpm is not None, HAS_EM=em is not None,
         IS_VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=causal or window_right >= 0,
         SPARSE=kvn is not None, HAS_FULL=fn is not None, BM_BQ=block_q if kvn is not None else 0,
@@ -405,47 +396,83 @@ def lse_strides(lse: torch.Tensor, varlen: bool):
 # The custom op
 
 
+class Masks(NamedTuple):
+    """What restricts the keys a query sees, travelling to the custom ops as one ``Tensor?[]`` (``masks``),
+    in this order; :meth:`pack` / :func:`unpack_masks` convert. Block-mask lists are ``[B, H, Mq]`` /
+    ``[B, H, Mq, Nk]`` int32 contiguous (already expanded); ``elem_mask`` is the partial blocks' element mask
+    ``[B|1, H|1, Tq, Tk]``."""
+
+    mask: Optional[torch.Tensor] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    kv_num_blocks: Optional[torch.Tensor] = None
+    kv_indices: Optional[torch.Tensor] = None
+    full_kv_num_blocks: Optional[torch.Tensor] = None
+    full_kv_indices: Optional[torch.Tensor] = None
+    elem_mask: Optional[torch.Tensor] = None
+
+    def pack(self) -> List[Optional[torch.Tensor]]:
+        return list(self)
+
+
+def unpack_masks(masks: Sequence[Optional[torch.Tensor]]) -> Masks:
+    if len(masks) != len(Masks._fields):
+        raise ValueError(f"masks: expected {len(Masks._fields)} entries {Masks._fields}, got {len(masks)}")
+    return Masks(*masks)
+
+
+def args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size):
+    """:func:`common_args` from the custom ops' grouped arguments."""
+    m = unpack_masks(masks)
+    return common_args(
+        q, k, v, bias, m.mask, m.key_padding_mask, m.elem_mask, m.cu_seqlens_q, m.cu_seqlens_k, m.kv_num_blocks,
+        m.kv_indices, m.full_kv_num_blocks, m.full_kv_indices, scale, causal, window[0], window[1], max_seqlen[0],
+        max_seqlen[1], block_size[0], block_size[1])
+
+
 @torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-    elem_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-    kv_num_blocks: Optional[torch.Tensor], kv_indices: Optional[torch.Tensor],
-    full_kv_num_blocks: Optional[torch.Tensor], full_kv_indices: Optional[torch.Tensor],
-    scale: float, causal: bool, window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int,
-    block_q: int, block_k: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention forward. Block-mask tensors are ``[B, H, Mq]`` / ``[B, H, Mq, Nk]`` int32
-    contiguous (already expanded); ``elem_mask`` is the partial blocks' element mask ``[B|1, H|1, Tq, Tk]``."""
-    args, (B, H, Hkv, G, Tq, Tk, D, DV) = common_args(
-        q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks, kv_indices,
-        full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right, max_seqlen_q, max_seqlen_k,
-        block_q, block_k)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+    masks: List[Optional[torch.Tensor]], scale: float, causal: bool, window: List[int], max_seqlen: List[int],
+    block_size: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention forward: ``(o, lse, stats)``. ``masks``: a packed :class:`Masks`; ``window`` =
+    (left, right), ``max_seqlen`` = (q, k), ``block_size`` = the BlockMask's (q, k) blocks ((0, 0) without
+    one). ``stats`` (for the backward only): with a bias, ``[2, *lse.shape]`` fp32 = each row's score max
+    and ``log2`` of its sum (the lse in two parts that a huge bias cannot round together); else empty."""
+    args, (B, H, Hkv, G, Tq, Tk, D, DV) = args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen,
+                                                       block_size)
+    cu_seqlens_q = unpack_masks(masks).cu_seqlens_q
     varlen = cu_seqlens_q is not None
     o = new_output(q.shape[:-1] + (DV,), dtype=q.dtype, device=q.device)
     lse = new_output(lse_shape(q, cu_seqlens_q, B, H, Tq), dtype=torch.float32, device=q.device)
+    stats = new_output(_stats_shape(lse.shape, bias), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
-        return o, lse
+        return o, lse, stats
     so = _bhq(o, varlen)
-    args.update(O=o, LSE=lse, sob=so[0], sot=so[1], soh=so[2], sod=so[3])
+    args.update(O=o, LSE=lse, STATS=stats if bias is not None else lse, sst=stats.stride(0) if bias is not None else 0,
+                sob=so[0], sot=so[1], soh=so[2], sod=so[3])
     args["slb"], args["slh"], args["slt"] = lse_strides(lse, varlen)
     kernel, meta = launcher("fwd", _attn_fwd_kernel, GPU_FWD_CONFIGS)
     grid = lambda META: (triton.cdiv(max(Tq, 1), META["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](**args, **meta)
-    return o, lse
+    return o, lse, stats
+
+
+def _stats_shape(lse_shape, bias):
+    return (2, *lse_shape) if bias is not None else (0,)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, bias, mask, key_padding_mask, elem_mask, cu_seqlens_q, cu_seqlens_k, kv_num_blocks,
-                        kv_indices, full_kv_num_blocks, full_kv_indices, scale, causal, window_left, window_right,
-                        max_seqlen_q, max_seqlen_k, block_q, block_k):
+def _attention_fwd_fake(q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size):
     H = q.shape[-2]
     o = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    if cu_seqlens_q is not None:
+    if unpack_masks(masks).cu_seqlens_q is not None:  # varlen: [H, total queries]
         lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], H, q.shape[1]), dtype=torch.float32)
-    return o, lse
+    return o, lse, q.new_empty(_stats_shape(lse.shape, bias), dtype=torch.float32)
 
 
 def block_mask_tensors(block_mask, B: int, H: int, Tq: int, Tk: int, device):

@@ -14,7 +14,11 @@ rank vector of the key tile and a cutoff vector of the query tile. Scores are ``
   head into an fp32 ``[B, H, Tk]`` buffer that the host sums to the bias' heads.
 
 So the work per query tile follows the number of key tiles that hold a kept key (about
-``keep_window / BLOCK_N`` plus scatter), not ``Tk``. Imports triton: import lazily.
+``keep_window / BLOCK_N`` plus scatter), not ``Tk``. Keys that no row of the tile keeps (padded keys among
+them) are never loaded, so NaN/inf in their K/V slots stays out (SPEC §0.3). Head dims are constexprs
+(128-bit tile loads); the skipped-tile test guards every K/V load, so these loops are not cp.async-pipelined
+(a visit list built before the loop would allow it). The softmax arithmetic comes from
+``attention/triton_common_jit``. Imports triton: import lazily.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as F
-from attnzoo.ops.dma.selection import SKIP_BLOCK
+from attnzoo.ops.attention.triton_common_jit import (
+    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, softmax_finish, softmax_step,
+)
+from attnzoo.ops.dma.selection import PAD_RANK, SKIP_BLOCK
 
-_NO_SPEC = ["H", "G", "HB_DIV", "Tq", "Tk", "D", "DV", "NBLK"]
-LOG2E = 1.4426950408889634
+_NO_SPEC = ["H", "G", "HB_DIV", "Tq", "Tk", "NBLK"]
+_PAD_RANK = tl.constexpr(PAD_RANK)
 
 
 @triton.jit
@@ -46,7 +54,7 @@ def _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL: tl.constexpr):
 @triton.jit
 def _tile_min_rank(BMin, start_n, NBLK, BLOCK_N: tl.constexpr, SKIP: tl.constexpr):
     idx = start_n // SKIP + tl.arange(0, BLOCK_N // SKIP)
-    return tl.min(tl.load(BMin + idx, mask=idx < NBLK, other=2147483647), 0)
+    return tl.min(tl.load(BMin + idx, mask=idx < NBLK, other=_PAD_RANK), 0)
 
 
 @triton.jit
@@ -99,7 +107,7 @@ def _dma_fwd_kernel(
     Q, K, V, O, LSE, Bias, Rank, Cut, BMin,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
     sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
 ):
@@ -117,27 +125,20 @@ def _dma_fwd_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Tk
             rows_k = offs_n.to(tl.int64)
+            rk = tl.load(rank_base + offs_n, mask=col_ok, other=_PAD_RANK)
+            # keys no row of this tile keeps (padded keys among them) are never read: NaN/inf there stays out
+            kv_ok = rk <= max_cut
             kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
-                         mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+                         mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
+                        mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
             bv = tl.load(bias_base + offs_n * sbn, mask=col_ok, other=0.0).to(tl.float32)
-            s += bv[None, :] * 1.4426950408889634
-            rk = tl.load(rank_base + offs_n, mask=col_ok, other=2147483647)
+            s += bv[None, :] * LOG2E_C
             keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+            acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC, False)
+    o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
     tl.store(O + b64 * sob + h * soh + rows_q[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + (b64 * H + h) * Tq + offs_m, lse, mask=row_ok)
@@ -148,7 +149,7 @@ def _dma_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, Bias, Rank, Cut, BMin,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     sdqb, sdqt, sdqh, sdqd, sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2, scale,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2, scale,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
 ):
@@ -158,7 +159,7 @@ def _dma_bwd_dq_kernel(
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + (b64 * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + (b64 * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    lse2 = lse_log2(lse)
     cut, max_cut, rank_base, bmin_base, k_base, v_base, bias_base, hi = _key_walk(
         K, V, Bias, Rank, Cut, BMin, skb, skh, svb, svh, sbb, sbh,
         b64, hkv, hb, start_m, offs_m, row_ok, H, HB_DIV, Tq, Tk, NBLK, CAUSAL, BLOCK_M)
@@ -168,19 +169,17 @@ def _dma_bwd_dq_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Tk
             rows_k = offs_n.to(tl.int64)
+            rk = tl.load(rank_base + offs_n, mask=col_ok, other=_PAD_RANK)
+            kv_ok = rk <= max_cut  # as in the forward: unkept (e.g. padded) keys are never read
             k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                        mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd,
-                         mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+                         mask=kv_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
             bv = tl.load(bias_base + offs_n * sbn, mask=col_ok, other=0.0).to(tl.float32)
-            s += bv[None, :] * 1.4426950408889634
-            rk = tl.load(rank_base + offs_n, mask=col_ok, other=2147483647)
+            s += bv[None, :] * LOG2E_C
             keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
-            p = tl.math.exp2(tl.where(keep, s - lse2[:, None], float("-inf")))
-            dp = tl.dot(do, vt, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            dq, _ds = dq_step(dq, do, k, vt, s, keep, lse2, lse2, delta, DOT_PREC, True, False)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows_q[:, None] * sdqt + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -191,7 +190,7 @@ def _dma_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DVo, DB, Bias, Rank, Cut,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D, DV, NBLK, scale_log2, scale,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2, scale,
     CAUSAL: tl.constexpr, NEED_DB: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -207,10 +206,13 @@ def _dma_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_k = offs_n.to(tl.int64)
     col_ok = offs_n < Tk
+    # padded keys (rank PAD_RANK in every head) are never read: their K/V slots may hold NaN/inf
+    rk0 = tl.load(Rank + (b64 * (H // HB_DIV) + (hkv * G) // HB_DIV) * Tk + offs_n, mask=col_ok, other=_PAD_RANK)
+    kv_ok = rk0 != _PAD_RANK
     k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = Tq * 0
@@ -221,7 +223,7 @@ def _dma_bwd_dkdv_kernel(
         h = hkv * G + g
         hb = h // HB_DIV
         sel = (b64 * (H // HB_DIV) + hb)
-        rk = tl.load(Rank + sel * Tk + offs_n, mask=col_ok, other=2147483647)
+        rk = tl.load(Rank + sel * Tk + offs_n, mask=col_ok, other=_PAD_RANK)
         min_rank = tl.min(rk, 0)
         bv = tl.load(Bias + b64 * sbb + hb * sbh + offs_n * sbn, mask=col_ok, other=0.0).to(tl.float32)
         q_base = Q + b64 * sqb + h * sqh
@@ -241,16 +243,12 @@ def _dma_bwd_dkdv_kernel(
                 lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
                 st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
-                st += bv[:, None] * 1.4426950408889634
+                st += bv[:, None] * LOG2E_C
                 keep = tl.trans(_keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL))
-                lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-                pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dst = pt * (dpt - delta[None, :])
+                lse2 = lse_log2(lse)
+                dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
                 if NEED_DB:
                     db_row += tl.sum(dst, 1)
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
         if NEED_DB:
             tl.store(DB + (b64 * H + h) * Tk + offs_n, db_row, mask=col_ok)
     dk = dk * scale
@@ -264,13 +262,13 @@ def _blocks(kind: str, head_dim: int):
     """(BLOCK_M, BLOCK_N, num_warps): small fixed tiles under the interpreter (tests cross tile edges);
     fixed (not autotuned, not yet benchmarked) tiles on a GPU, smaller for wide heads. BLOCK_N must be a
     multiple of SKIP_BLOCK."""
-    if F.interpreter():
+    if TC.interpreter():
         return 16, 16, 1
-    if F.head_block(head_dim) >= 256:
+    if TC.head_block(head_dim) >= 256:
         return 32, 32, 4
     if kind == "dkdv":  # two [BLOCK_N, head] fp32 accumulators: at head dim 128, 8 warps and 32 keys spill
         # nothing at sm_90 on Triton 3.6 and 3.9 (4 warps spilled 56-64 B; 64 keys, 8 warps 240 B on 3.6)
-        return (32, 32, 8) if F.head_block(head_dim) >= 128 else (32, 64, 4)
+        return (32, 32, 8) if TC.head_block(head_dim) >= 128 else (32, 64, 4)
     return 64, 64, 4
 
 
@@ -284,8 +282,8 @@ def _common(q, k, v, bias, scale, causal):
         svb=v.stride(0), svt=v.stride(1), svh=v.stride(2), svd=v.stride(3),
         sbb=bias.stride(0), sbh=bias.stride(1), sbn=bias.stride(2),
         H=H, G=H // Hkv, HB_DIV=H // Hb, Tq=Tq, Tk=Tk, D=D, DV=DV, NBLK=triton.cdiv(Tk, SKIP_BLOCK),
-        scale_log2=scale * LOG2E, CAUSAL=bool(causal), DOT_PREC=F.dot_precision(q.dtype),
-        BLOCK_D=F.head_block(D), BLOCK_DV=F.head_block(DV),
+        scale_log2=scale * TC.LOG2E, CAUSAL=bool(causal), DOT_PREC=F.dot_precision(q.dtype),
+        BLOCK_D=TC.head_block(D), BLOCK_DV=TC.head_block(DV),
     ), (B, Tq, H, Tk, Hkv)
 
 
@@ -294,8 +292,8 @@ def dma_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
             cutoff: torch.Tensor, block_min: torch.Tensor, scale: float, causal: bool
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     a, (B, Tq, H, Tk, Hkv) = _common(q, k, v, bias, scale, causal)
-    o = F.new_output(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    lse = F.new_output((B, H, Tq), dtype=torch.float32, device=q.device)
+    o = TC.new_output(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = TC.new_output((B, H, Tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0 or Tq == 0:
         return o, lse
     if Tk == 0:
@@ -321,9 +319,9 @@ def dma_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     a, (B, Tq, H, Tk, Hkv) = _common(q, k, v, bias, scale, causal)
     a["scale"] = scale
-    dq = F.new_output(q.shape, dtype=q.dtype, device=q.device)
-    dk = F.new_output(k.shape, dtype=k.dtype, device=k.device)
-    dv = F.new_output(v.shape, dtype=v.dtype, device=v.device)
+    dq = TC.new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = TC.new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = TC.new_output(v.shape, dtype=v.dtype, device=v.device)
     db = torch.zeros((B, H, Tk), dtype=torch.float32, device=q.device)
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
@@ -361,7 +359,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, bias, rank, cutoff, block_min, scale, causal = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, bias, rank, cutoff, block_min)
-    ctx.params = (scale, causal)
+    ctx.params = dict(scale=scale, causal=causal)
 
 
 def _backward(ctx, do, dlse):
@@ -369,8 +367,9 @@ def _backward(ctx, do, dlse):
     need_db = bool(ctx.needs_input_grad[3])
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv, db = torch.ops.attnzoo.dma_bwd(do, q, k, v, o, lse, bias, rank, cutoff, block_min,
-                                               *ctx.params, need_db)
+    dq, dk, dv, db = torch.ops.attnzoo.dma_bwd(do=do, q=q, k=k, v=v, o=o, lse=lse, bias=bias, rank=rank,
+                                               cutoff=cutoff, block_min=block_min, need_dbias=need_db,
+                                               **ctx.params)
     return dq, dk, dv, (db if need_db else None), None, None, None, None, None
 
 
@@ -386,5 +385,6 @@ def dma_triton(q, k, v, bias, *, keep_window: int, causal: bool = True, scale: O
         scale = 1.0 / math.sqrt(q.shape[-1])
     with torch.no_grad():
         rank, cutoff, bmin = dma_select(bias.detach(), keep_window, q.shape[1], causal, key_padding_mask)
-    o, _ = torch.ops.attnzoo.dma_fwd(q, k, v, bias, rank, cutoff, bmin, float(scale), bool(causal))
+    o, _ = torch.ops.attnzoo.dma_fwd(q=q, k=k, v=v, bias=bias, rank=rank, cutoff=cutoff, block_min=bmin,
+                                     scale=float(scale), causal=bool(causal))
     return o

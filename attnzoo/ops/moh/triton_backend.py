@@ -11,7 +11,7 @@ from typing import List
 import torch
 
 from attnzoo import backends
-from attnzoo.ops.attention.triton_backend import MAX_DECODE_QUERIES
+from attnzoo.ops.validate import MAX_DECODE_QUERIES
 
 
 def supports_moh(q, k, v, gates, **_) -> List[str]:
@@ -38,8 +38,10 @@ def moh_attention_triton(q, k, v, gates, *, causal=False, scale=None, window=(-1
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if decoding(q, k, v, gates, key_padding_mask):
-        return triton_moh.moh_decode(q, k, v, gates, scale, bool(causal), int(window[0]), int(window[1]))
+        return triton_moh.moh_decode(q=q, k=k, v=v, gates=gates, scale=scale, causal=bool(causal),
+                                     window_left=int(window[0]), window_right=int(window[1]))
     o, _lse, _rows, _counts, _offs = triton_moh.moh_attention_fwd(
-        q, k, v, gates, key_padding_mask, scale, bool(causal), int(window[0]), int(window[1])
+        q=q, k=k, v=v, gates=gates, key_padding_mask=key_padding_mask, scale=scale, causal=bool(causal),
+        window_left=int(window[0]), window_right=int(window[1]),
     )
     return o

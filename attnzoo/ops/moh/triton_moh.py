@@ -7,7 +7,8 @@ and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
 Forward: one program per packed row tile of BLOCK_M rows. The program finds its ``(b, h)`` by binary
 search in ``tile_offsets``, gathers its Q rows (invalid rows get position ``Tq`` and are masked), and
 streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]`` (rows are sorted, so the
-tile's last row bounds the causal loop). The online softmax is the core's ``_fwd_inner`` with the gathered
+tile's last row bounds the causal loop); key tiles inside the band of every valid row of the tile
+(``_interior_range``) run without bounds/band tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered
 positions standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
 registers). Epilogue: ``O = acc / l * gate``, scattered back to ``[B, T, H]`` (inactive rows are never
 written; the output starts zeroed); the log-sum-exp is stored at the original positions ``[B, H, T]``.
@@ -19,7 +20,8 @@ Backward (deterministic, no atomics):
   stream through the core's ``_bwd_q_inner``; dQ scattered to the active rows (inactive rows stay 0).
 * dK/dV: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in registers;
   loops over the query heads of the group and, for each, only over its packed active-row tiles that can
-  see this key tile. Inactive rows never enter: cost follows the active fraction.
+  see this key tile. Inactive rows never enter: cost follows the active fraction. (The per-tile reach
+  test guards the loads, so this loop is not cp.async-pipelined; key-padded K/V rows are never loaded.)
 
 Decode (a few new queries, no gradient): :func:`moh_decode` runs the core's split-K decode kernel with the
 gates instead -- one read of each K/V tile per GQA group, split across programs for long caches, and no
@@ -37,12 +39,16 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as CF
 from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
-from attnzoo.ops.attention.triton_fwd import _fwd_inner, _visible
+from attnzoo.ops.attention.triton_common_jit import (
+    dkdv_step, lse_log2, softmax_finish, split_range, visible as _visible,
+)
+from attnzoo.ops.attention.triton_fwd import _fwd_inner
 from attnzoo.ops.moh.triton_packing import pack_active_rows_triton
 
-_NO_SPEC = ["H", "G", "Tq", "Tk", "D", "DV", "win_left", "win_right", "BH", "T_rows"]
+_NO_SPEC = ["H", "G", "Tq", "Tk", "win_left", "win_right", "BH", "T_rows"]
 
 
 @triton.jit
@@ -79,6 +85,20 @@ def _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, 
 
 
 @triton.jit
+def _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Keys ``[ilo, ihi)`` inside the causal/window band of every valid row of a packed tile (and inside
+    ``[0, Tk)``): the interior key tiles, which need no bounds or band test."""
+    diag = Tk - Tq
+    ilo = Tk * 0
+    ihi = Tk
+    if HAS_LEFT:
+        ilo = tl.max(tl.where(valid, pos, 0), 0) + diag - win_left
+    if HAS_RIGHT:
+        ihi = tl.minimum(tl.min(tl.where(valid, pos, Tq), 0) + diag + win_right + 1, Tk)
+    return ilo, ihi
+
+
+@triton.jit
 def _load_rows(ptr, b64, h, rows, valid, s_b, s_h, s_t, s_d, n_cols, BLOCK: tl.constexpr):
     """Gather rows ``rows`` (masked by ``valid``) of head ``h`` of a BTHD tensor: ``[BLOCK_M, BLOCK]``."""
     offs = tl.arange(0, BLOCK)
@@ -98,8 +118,7 @@ def _load_bwd_rows(Q, DO, LSE, DELTA, Gates, b64, h, rows, valid,
     do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
     lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
     delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    return q, do, lse2, delta
+    return q, do, lse_log2(lse), delta
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -107,7 +126,7 @@ def _moh_fwd_kernel(
     Q, K, V, O, LSE, Gates, KPM, Rows, Counts, TileOff,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
     slb, slh, slt, sgb, sgt, sgh, skpb, skpn,
-    BH, H, G, Tq, Tk, D, DV, T_rows, scale_log2, win_left, win_right,
+    BH, H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -130,18 +149,32 @@ def _moh_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+    for start_n in range(lo, mid_lo, BLOCK_N):  # boundary tiles (window edge)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
             K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-            BLOCK_N, BLOCK_D, BLOCK_DV)
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, False)
+    for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles (diagonal, sequence end)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
+    o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
     gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
-    o = acc / l_safe[:, None] * gate[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o = o * gate[:, None]
     tl.store(O + b64 * sob + h * soh + rows[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b64 * slb + h * slh + rows * slt, lse, mask=valid)
@@ -152,7 +185,7 @@ def _moh_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, Gates, KPM, Rows, Counts, TileOff,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     slb, slh, slt, sdqb, sdqt, sdqh, sdqd, sgb, sgt, sgh, skpb, skpn,
-    BH, H, G, Tq, Tk, D, DV, T_rows, scale_log2, scale, win_left, win_right,
+    BH, H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, scale, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -175,13 +208,29 @@ def _moh_bwd_dq_kernel(
     diag = Tk - Tq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
+    for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _bwd_q_inner(
-            dq, q, do, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, K, 0, 0, scale_log2,
-            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, False, DOT_PREC,
-            BLOCK_N, BLOCK_D, BLOCK_DV)
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, False)
+    for start_n in range(mid_hi, hi, BLOCK_N):
+        dq = _bwd_q_inner(
+            dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
+            k_base, v_base, skt, skd, svt, svd, D, DV,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            BLOCK_N, BLOCK_D, BLOCK_DV, True)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows[:, None] * sdqt + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
@@ -192,7 +241,7 @@ def _moh_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Counts,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     slb, slh, slt, sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sgb, sgt, sgh, skpb, skpn,
-    H, G, Tq, Tk, D, DV, T_rows, scale_log2, scale, win_left, win_right,
+    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, scale, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -208,14 +257,17 @@ def _moh_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_k = offs_n.to(tl.int64)
     col_ok = offs_n < Tk
+    kpm_base = KPM + b64 * skpb
+    kv_ok = col_ok
+    if HAS_KPM:  # padded keys are never read: their K/V slots may hold NaN/inf (SPEC §0.3)
+        kv_ok = kv_ok & (tl.load(kpm_base + offs_n * skpn, mask=col_ok, other=0) != 0)
     k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b64 * svb + hkv * svh + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     diag = Tk - Tq
-    kpm_base = KPM + b64 * skpb
     kj = offs_n[:, None]
     for g in range(0, G):
         h = hkv * G + g
@@ -241,12 +293,8 @@ def _moh_bwd_dkdv_kernel(
                     slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
                 st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
                 keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
-                                K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False)
-                pt = tl.math.exp2(tl.where(keep, st - lse2[None, :], float("-inf")))
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+                                K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
+                dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -260,7 +308,7 @@ def _moh_bwd_dkdv_kernel(
 
 def _tiles(D: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): one small fixed tile under the interpreter."""
-    if CF.interpreter():
+    if TC.interpreter():
         return CF.INTERP_BLOCK, CF.INTERP_BLOCK, 1, 1
     if D <= 64:
         return 64, 64, 4, 3
@@ -274,7 +322,7 @@ def _dkdv_tiles(bm: int, warps: int, D: int, DV: int) -> Tuple[int, int]:
     head dim 64 up 8 warps, and 32-row query tiles from 128 up, hold them without spilling (64 rows / 4
     warps spilled 80-290 B/thread at sm_90, tools/cross_compile.py). Its row tiles need not match the
     packing's: it walks each head's active rows itself."""
-    if CF.interpreter() or max(D, DV) < 64:
+    if TC.interpreter() or max(D, DV) < 64:
         return bm, warps
     return (min(bm, 32) if max(D, DV) > 64 else bm), 8
 
@@ -301,8 +349,8 @@ def _problem(q, k, v, gates, kpm, scale, causal, window_left, window_right):
     B, Tq, H, D = q.shape
     Tk, Hkv, DV = k.shape[1], k.shape[2], v.shape[-1]
     a = dict(Q=q, K=k, V=v, Gates=gates, H=H, G=H // Hkv, Tq=Tq, Tk=Tk, D=D, DV=DV, T_rows=Tq,
-             scale_log2=scale * CF.LOG2E, DOT_PREC=CF.dot_precision(q.dtype),
-             BLOCK_D=CF.head_block(D), BLOCK_DV=CF.head_block(DV))
+             scale_log2=scale * TC.LOG2E, DOT_PREC=CF.dot_precision(q.dtype),
+             BLOCK_D=TC.head_block(D), BLOCK_DV=TC.head_block(DV))
     a["sqb"], a["sqt"], a["sqh"], a["sqd"] = q.stride()
     a["skb"], a["skt"], a["skh"], a["skd"] = k.stride()
     a["svb"], a["svt"], a["svh"], a["svd"] = v.stride()
@@ -328,7 +376,7 @@ def moh_attention_fwd(
     B, Tq, H, D = q.shape
     bm, bn, warps, stages = _tiles(max(D, v.shape[-1]))
     packed = pack_active_rows_triton(gates, bm)  # on the device, no host sync
-    if CF.fill_nan():  # test mode: active rows the kernel fails to write stay NaN
+    if TC.fill_nan():  # test mode: active rows the kernel fails to write stay NaN
         o = torch.full((B, Tq, H, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
         o.masked_fill_((gates == 0)[..., None], 0.0)
         lse = torch.full((B, H, Tq), float("nan"), dtype=torch.float32, device=q.device)
@@ -374,10 +422,10 @@ def moh_attention_bwd(
     dgates = torch.where(active, rowdot / torch.where(active, gates.float(), 1.0), 0.0).to(gates.dtype)
     delta = rowdot.transpose(1, 2).contiguous()  # [B, H, T]
     dq = torch.zeros_like(q)
-    if CF.fill_nan():
+    if TC.fill_nan():
         dq.masked_fill_((gates != 0)[..., None], float("nan"))  # active rows must be written
-    dk = CF.new_output(k.shape, dtype=k.dtype, device=k.device)
-    dv = CF.new_output(v.shape, dtype=v.dtype, device=v.device)
+    dk = TC.new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = TC.new_output(v.shape, dtype=v.dtype, device=v.device)
     if Tk == 0 or q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), dgates
     a = _problem(q, k, v, gates, key_padding_mask, scale, causal, window_left, window_right)
@@ -404,12 +452,13 @@ def _setup_context(ctx, inputs, output):
     q, k, v, gates, kpm, scale, causal, wl, wr = inputs
     o, lse, rows, counts, offs = output
     ctx.save_for_backward(q, k, v, gates, o, lse, rows, counts, offs, kpm)
-    ctx.params = (scale, causal, wl, wr)
+    ctx.params = dict(scale=scale, causal=causal, window_left=wl, window_right=wr)
 
 
 def _backward(ctx, do, dlse, drows, dcounts, doffs):
     q, k, v, gates, o, lse, rows, counts, offs, kpm = ctx.saved_tensors
-    dq, dk, dv, dgates = moh_attention_bwd(do, q, k, v, gates, o, lse, rows, counts, offs, kpm, *ctx.params)
+    dq, dk, dv, dgates = moh_attention_bwd(do=do, q=q, k=k, v=v, gates=gates, o=o, lse=lse, rows=rows, counts=counts,
+                                           tile_offsets=offs, key_padding_mask=kpm, **ctx.params)
     return dq, dk, dv, dgates, None, None, None, None, None
 
 
