@@ -18,7 +18,7 @@ from attnzoo import backends
 from attnzoo.ops.validate import MAX_DECODE_QUERIES  # new queries a decode step may bring
 
 KERNEL_DTYPES = backends.KERNEL_DTYPES
-MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it (triton_fwd imports it)
+MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it
 
 
 def _kernels():

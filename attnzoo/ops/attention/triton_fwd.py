@@ -252,7 +252,6 @@ GPU_FWD_CONFIGS = per_head_block({
     WIDE: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
 })
 INTERP_BLOCK = 16
-from attnzoo.ops.attention.triton_backend import MIN_BLOCK  # noqa: E402,F401  (smallest kernel tile)
 
 
 def prune_for_block_mask(configs, nargs, **kwargs):
