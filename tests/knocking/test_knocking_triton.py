@@ -184,7 +184,7 @@ def test_backend_selection():
     v = torch.randn(2, 4, 16, device=DEVICE)
     w = torch.eye(16, device=DEVICE)
     impl = backends.select("kha_mlp", "auto", v=v, w_up=w, w_gate=w, w_down=w)
-    assert impl.backend == ("triton" if GPU else "reference")  # auto never picks the CPU interpreter
+    assert impl.backend == ("triton" if GPU else "torch")  # auto never picks the CPU interpreter: torch on CPU
     reasons = backends.why_not("kha_mlp", v=v.double(), w_up=w, w_gate=w, w_down=w)
     assert any("float64" in r for r in reasons["triton"])
     with pytest.raises(BackendUnavailableError, match="float64"):
