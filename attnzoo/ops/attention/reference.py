@@ -21,13 +21,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def diagonal_mask(
-    Tq: int, Tk: int, *, causal: bool, window: Tuple[int, int], offset=None, device=None
+    Tq: int, Tk: int, *, causal: bool, window: Tuple[int, int], offset=None, device=None, rows=None, cols=None
 ) -> Optional[torch.Tensor]:
     """Causal / sliding-window visibility ``[.., Tq, Tk]`` measured from the bottom-right diagonal.
 
     Query ``i`` and key ``j`` are ``d = j - (i + offset)`` apart, ``offset = Tk - Tq`` by default (a
     ``[B]`` tensor gives a per-batch offset and a ``[B, 1, Tq, Tk]`` result). Visible iff
     ``d <= 0`` when causal, ``d >= -left`` when ``left >= 0``, ``d <= right`` when ``right >= 0``.
+    ``rows = (r0, r1)`` / ``cols = (lo, hi)`` restrict it to those query rows / keys (chunked engines).
     Returns None when nothing is masked.
     """
     left, right = window
@@ -35,8 +36,10 @@ def diagonal_mask(
         return None
     if offset is None:
         offset = Tk - Tq
-    i = torch.arange(Tq, device=device).view(Tq, 1)
-    j = torch.arange(Tk, device=device).view(1, Tk)
+    r0, r1 = rows if rows is not None else (0, Tq)
+    lo, hi = cols if cols is not None else (0, Tk)
+    i = torch.arange(r0, r1, device=device).view(-1, 1)
+    j = torch.arange(lo, hi, device=device).view(1, -1)
     if isinstance(offset, torch.Tensor):
         offset = offset.to(device).view(-1, 1, 1, 1)
     d = j - (i + offset)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo import backends
+from attnzoo.ops.attention.reference import diagonal_mask
 from attnzoo.ops.masks.block_mask import BlockMask
 
 #: elements of one chunk's mask / score tile ``[B, H, chunk, keys]`` (bounds memory per chunk)
@@ -125,23 +126,10 @@ def key_range(r0: int, r1: int, Tk: int, offset: int, causal: bool, window: Tupl
 
 
 def diagonal_rows(r0, r1, lo, hi, offset, causal, window, device) -> Optional[torch.Tensor]:
-    """``[C, S]`` (or ``[B, 1, C, S]`` for a per-batch ``offset`` tensor) causal/window keep mask."""
-    left, right = window
-    if not causal and left < 0 and right < 0:
-        return None
-    i = torch.arange(r0, r1, device=device).view(-1, 1)
-    j = torch.arange(lo, hi, device=device).view(1, -1)
-    if isinstance(offset, torch.Tensor):
-        offset = offset.view(-1, 1, 1, 1)
-    d = j - (i + offset)
-    keep = torch.ones_like(d, dtype=torch.bool)
-    if causal:
-        keep = keep & (d <= 0)
-    if left >= 0:
-        keep = keep & (d >= -left)
-    if right >= 0:
-        keep = keep & (d <= right)
-    return keep
+    """``[C, S]`` (or ``[B, 1, C, S]`` for a per-batch ``offset`` tensor) causal/window keep mask of query
+    rows ``[r0, r1)`` over keys ``[lo, hi)``: the reference's :func:`diagonal_mask`, restricted."""
+    return diagonal_mask(0, 0, causal=causal, window=window, offset=offset, device=device, rows=(r0, r1),
+                         cols=(lo, hi))
 
 
 def block_mask_rows(bm: BlockMask, B: int, H: int, r0: int, r1: int, lo: int, hi: int, device) -> torch.Tensor:

@@ -376,16 +376,13 @@ def moh_attention_fwd(
     B, Tq, H, D = q.shape
     bm, bn, warps, stages = _tiles(max(D, v.shape[-1]))
     packed = pack_active_rows_triton(gates, bm)  # on the device, no host sync
-    if TC.fill_nan():  # test mode: active rows the kernel fails to write stay NaN
-        o = torch.full((B, Tq, H, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
-        o.masked_fill_((gates == 0)[..., None], 0.0)
-        lse = torch.full((B, H, Tq), float("nan"), dtype=torch.float32, device=q.device)
-        lse.masked_fill_((gates == 0).transpose(1, 2), float("-inf"))
-    else:
-        o = torch.zeros(B, Tq, H, v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.full((B, H, Tq), float("-inf"), dtype=torch.float32, device=q.device)  # inactive rows
-    if packed.max_tiles == 0 or k.shape[1] == 0:
-        return o, lse, packed.rows, packed.counts, packed.tile_offsets
+    # inactive rows are written here (o = 0, lse = -inf); active rows by the kernel (NaN until then in tests)
+    inactive = gates == 0
+    o = TC.new_output((B, Tq, H, v.shape[-1]), dtype=q.dtype, device=q.device).masked_fill_(inactive[..., None], 0.0)
+    lse = TC.new_output((B, H, Tq), dtype=torch.float32, device=q.device).masked_fill_(
+        inactive.transpose(1, 2), float("-inf"))
+    if packed.max_tiles == 0 or k.shape[1] == 0:  # no active row, or no key to see: every row is empty
+        return o.zero_(), lse.fill_(float("-inf")), packed.rows, packed.counts, packed.tile_offsets
     a = _problem(q, k, v, gates, key_padding_mask, scale, causal, window_left, window_right)
     a.update(O=o, LSE=lse, Rows=packed.rows, Counts=packed.counts, TileOff=packed.tile_offsets, BH=B * H,
              SEARCH_STEPS=math.ceil(math.log2(max(B * H, 2))) + 1, BLOCK_M=bm, BLOCK_N=bn)
