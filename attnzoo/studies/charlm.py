@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from attnzoo.studies.common import check_run, environment, fmt, mean_std, plot_bars, plot_curves, write_json
+from attnzoo.studies.common import check_run, environment, fmt, plot_bars, plot_curves, save_study
 from attnzoo.studies.data import CharCorpus, pydoc_text
 from attnzoo.studies.model import VARIANTS, TinyLM, attention_params, generate, num_params
 from attnzoo.studies.train import lm_loss, record_backends, spikes, train
@@ -146,10 +146,7 @@ def run(out: Path, quick: bool, log, seeds=None, steps=None) -> dict:
         if fold and not fold["max_abs_logit_diff"] < 1e-3:
             problems.append(f"{r['name']}: fold() changed the logits by {fold['max_abs_logit_diff']:.2e}")
     result["problems"] = problems
-    write_json(out / f"{NAME}.json", result)
-    plot(out, result)
-    (out / f"{NAME}.md").write_text(report(result))
-    return result
+    return save_study(out, NAME, result, plot, report)
 
 
 def plot(out: Path, result: dict) -> None:

@@ -60,6 +60,14 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=False, default=float) + "\n")
 
 
+def save_study(out: Path, name: str, result: dict, plot, report) -> dict:
+    """A study's outputs in ``out``: ``<name>.json`` (the result), its plots, and ``<name>.md`` (its page)."""
+    write_json(out / f"{name}.json", result)
+    plot(out, result)
+    (out / f"{name}.md").write_text(report(result))
+    return result
+
+
 def plt():
     import matplotlib
 

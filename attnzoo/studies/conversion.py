@@ -16,7 +16,7 @@ import torch
 from attnzoo import convert
 from attnzoo.modules.mha import MultiHeadAttention
 from attnzoo.studies import charlm
-from attnzoo.studies.common import check_run, environment, fmt, plot_bars, plot_curves, write_json
+from attnzoo.studies.common import check_run, environment, fmt, plot_bars, plot_curves, save_study
 from attnzoo.studies.data import CharCorpus, pydoc_text
 from attnzoo.studies.model import TinyLM, num_params
 from attnzoo.studies.train import train
@@ -82,10 +82,7 @@ def run(out: Path, quick: bool, log, seeds=None, steps=None) -> dict:
         if not r["eval"]["loss_uptrained"] <= r["eval"]["loss_converted"] + 1e-3:
             problems.append(f"{r['name']}: uptraining did not lower the held-out loss")
     result["problems"] = problems
-    write_json(out / f"{NAME}.json", result)
-    plot(out, result)
-    (out / f"{NAME}.md").write_text(report(result))
-    return result
+    return save_study(out, NAME, result, plot, report)
 
 
 def plot(out: Path, result: dict) -> None:

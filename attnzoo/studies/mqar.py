@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from attnzoo.studies.common import check_run, environment, fmt, mean_std, plot_bars, plot_curves, write_json
+from attnzoo.studies.common import check_run, environment, fmt, plot_bars, plot_curves, save_study
 from attnzoo.studies.data import IGNORE, MQAR
 from attnzoo.studies.model import VARIANTS, TinyLM, attention_params, num_params
 from attnzoo.studies.train import train
@@ -71,10 +71,7 @@ def run(out: Path, quick: bool, log, seeds=None, steps=None) -> dict:
                   wall_seconds=time.perf_counter() - t_start)
     result["problems"] = [p for r in runs for p in check_run(r)]
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{NAME}.json", result)
-    plot(out, result)
-    (out / f"{NAME}.md").write_text(report(result))
-    return result
+    return save_study(out, NAME, result, plot, report)
 
 
 def by_variant(result, key):
