@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from attnzoo.ops.triton_common import LN2
 from attnzoo.studies.common import check_run, environment, fmt, plot_bars, plot_curves, save_study
 from attnzoo.studies.data import CharCorpus, pydoc_text
 from attnzoo.studies.model import VARIANTS, TinyLM, attention_params, generate, num_params
@@ -119,7 +120,7 @@ def run(out: Path, quick: bool, log, seeds=None, steps=None) -> dict:
             t0 = time.perf_counter()
             model, hist = train_one(variant, seed, cfg, corpus, log)
             ev = dict(eval_loss=eval_loss(model, batches))
-            ev["eval_bits_per_char"] = ev["eval_loss"] / 0.6931471805599453
+            ev["eval_bits_per_char"] = ev["eval_loss"] / LN2
             sp = spikes(hist["loss"], skip=max(1, cfg["steps"] // 10))
             extra = dict(spikes=sp, max_grad_norm=max(hist["grad_norm"][max(1, cfg["steps"] // 10):] or [0.0]))
             if variant.startswith("moh"):
