@@ -440,10 +440,11 @@ def _attn_bwd_dq_kernel(
 # without spilling (Triton 3.9), each list cut by tuning_configs. dK/dV keeps two [BLOCK_N, head] fp32
 # accumulators: at head block 128 that needs 8 warps and BLOCK_N <= 64 (64x64 spilled 72-176 B/thread),
 # at 256 BLOCK_M * BLOCK_N <= 1024 (all listed: 0 B); at head block 64, 64x64/4 warps (24 B with a bias),
-# 64x128/8 (16 B) and 16x32/4 (8-32 B) spilled. dQ at head block 64: 32x16 spilled 8 B with key padding.
+# 64x128/8 (16 B), 16x32/4 (8-32 B) and 16x16/4 (8 B) spilled: its 16x16 tile runs on 2 warps. dQ at head
+# block 64: 32x16 spilled 8 B with key padding.
 _SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
 GPU_DKDV_CONFIGS = F.per_head_block({
-    _SM: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 16, 4, 2)],
+    _SM: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 16, 2, 2)],
     _MID: [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
 })
