@@ -213,9 +213,6 @@ def _runnable():
     return out
 
 
-# Open (contract clause 2): with a finfo.min bias on the padded keys of causal rows and one row masked
-# everywhere, the Triton backward's dq is off (max error 2.4 against a tolerance of 1.1e-5, fp32); -1e9 passes.
-TRITON_FINFO_MIN_DQ = "Triton kernels: dq with finfo.min biases (causal, HF padding) falls outside the rule"
 
 
 def _empty_row_cases():
@@ -295,10 +292,8 @@ def test_contract_finfo_min_row_is_uniform_softmax(backend, dtype):
 
 @pytest.mark.parametrize("backend", _runnable()[1:])
 @pytest.mark.parametrize("fill", ["finfo.min", "-1e9"])
-def test_contract_extreme_finite_bias_within_rule(backend, fill, request):
+def test_contract_extreme_finite_bias_within_rule(backend, fill):
     """Extreme finite biases (HF-style additive masks) keep outputs and gradients within the rule."""
-    if backend == "triton" and fill == "finfo.min":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_FINFO_MIN_DQ))
     torch.manual_seed(2)
     dtype = torch.float32
     q = _rand(2, 12, 4, 16, dtype=dtype)
@@ -360,3 +355,21 @@ def test_contract_varlen_rows_with_no_key(backend):
     ck = torch.tensor([0, 5, 5], dtype=torch.int32)
     o, lse = attnzoo.attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, return_lse=True, backend=backend)
     assert (o[4:] == 0).all() and torch.isneginf(lse[:, 4:]).all() and torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("backend", _runnable())
+@pytest.mark.parametrize("fill", ["finfo.min", "-1e9"])
+def test_contract_lse_gradient_of_a_huge_bias_row_is_the_softmax(backend, fill):
+    """d lse / d bias = softmax: 1/n per key on a row whose bias is one huge finite value everywhere, even
+    though lse = bias + log(n) rounds to the bias (autograd of torch.logsumexp would give 1 per key)."""
+    torch.manual_seed(5)
+    q = _rand(1, 3, 2, 16, dtype=torch.float32)
+    k, v = _rand(1, 7, 2, 16, dtype=torch.float32), _rand(1, 7, 2, 16, dtype=torch.float32)
+    val = torch.finfo(torch.float32).min if fill == "finfo.min" else -1e9
+    bias = torch.zeros(1, 2, 3, 7, device=DEV)
+    bias[:, :, 1] = val
+    bias.requires_grad_()
+    _, lse = attnzoo.attention(q, k, v, bias=bias, return_lse=True, backend=backend)
+    (dbias,) = torch.autograd.grad(lse[:, :, 1].sum(), bias)
+    torch.testing.assert_close(dbias[:, :, 1], torch.full_like(dbias[:, :, 1], 1 / 7), rtol=1e-5, atol=1e-6)
+    assert (dbias[:, :, [0, 2]] == 0).all()

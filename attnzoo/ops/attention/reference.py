@@ -20,6 +20,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def logsumexp(s: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """``log(sum(exp(s)))`` over ``dim`` (rows of finite scores), with the exact gradient ``softmax(s)``.
+
+    ``torch.logsumexp``'s backward is ``exp(s - lse)``, which is wrong when ``lse`` rounds to the row max: with
+    a huge finite bias (finfo.min, -1e9) on every key of a row, ``log(n)`` is below the bias' ulp, so every
+    key would get weight 1 instead of ``1/n``. Here the max is a constant (its gradient cancels exactly),
+    so the gradient is the softmax itself."""
+    if s.shape[dim] == 0:  # no key at all: -inf, as torch.logsumexp gives
+        return torch.logsumexp(s, dim=dim, keepdim=keepdim)
+    m = s.detach().amax(dim=dim, keepdim=True)
+    out = m + torch.log(torch.exp(s - m).sum(dim=dim, keepdim=True))
+    return out if keepdim else out.squeeze(dim)
+
+
 def diagonal_mask(
     Tq: int, Tk: int, *, causal: bool, window: Tuple[int, int], offset=None, device=None, rows=None, cols=None
 ) -> Optional[torch.Tensor]:
@@ -120,10 +134,10 @@ def softmax_attention(
         # masked keys -> -inf; in rows with no visible key, every score -> 0 so softmax stays finite
         s = s.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0)
         p = torch.softmax(s, dim=-1) * row_any
-        lse = torch.logsumexp(s, dim=-1).masked_fill(~row_any[..., 0], float("-inf"))
+        lse = logsumexp(s, dim=-1).masked_fill(~row_any[..., 0], float("-inf"))
     else:
         p = torch.softmax(s, dim=-1)
-        lse = torch.logsumexp(s, dim=-1)
+        lse = logsumexp(s, dim=-1)
     o = torch.einsum("bhqk,bkhd->bqhd", p, v)
     return o, lse
 

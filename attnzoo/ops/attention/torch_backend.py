@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo import backends
-from attnzoo.ops.attention.reference import diagonal_mask
+from attnzoo.ops.attention.reference import diagonal_mask, logsumexp
 from attnzoo.ops.masks.block_mask import BlockMask
 
 #: elements of one chunk's mask / score tile ``[B, H, chunk, keys]`` (bounds memory per chunk)
@@ -99,7 +99,7 @@ def math_chunk(q, k, v, scale: float, mask: Optional[torch.Tensor]):
             s = s + mask.to(ct)
         row = (s > float("-inf")).any(-1, keepdim=True)
         s = s.masked_fill(~row, 0.0)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    lse = logsumexp(s, dim=-1, keepdim=True)
     # softmax, not exp(s - lse): with huge finite biases (finfo.min, -1e9) lse loses the scores' spread
     o = torch.matmul(torch.softmax(s, dim=-1), v)
     if row is not None:
