@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 from typing import List, Optional, Tuple
 
 import torch
 
 from attnzoo import backends
+from attnzoo.ops.validate import default_scale
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -125,7 +125,7 @@ def attention_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), bias=
                     key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                     max_seqlen_k=None, return_lse=False):
     fa = _lib(q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     kw = dict(softmax_scale=scale, causal=bool(causal), window_size=_window(window))
     if cu_seqlens_q is not None:
         mq = max_seqlen_q if max_seqlen_q is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
@@ -144,7 +144,7 @@ def attention_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), bias=
 def attention_with_kvcache_flash(q, k_cache, v_cache, cache_seqlens, *, block_table=None, causal=True, scale=None,
                                  window=(-1, -1), return_lse=False):
     fa = _lib(q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     out = fa.flash_attn_with_kvcache(
         q, k_cache, v_cache, cache_seqlens=cache_seqlens.to(torch.int32),
         block_table=None if block_table is None else block_table.to(torch.int32), softmax_scale=scale,

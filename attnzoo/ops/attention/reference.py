@@ -7,12 +7,12 @@ Every kernel is tested against this. Layout BTHD: ``q [B, Tq, H, D]``, ``k [B, T
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from attnzoo.ops.masks.block_mask import BlockMask
+from attnzoo.ops.validate import default_scale
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -169,7 +169,7 @@ def attention_reference(
     ``[B, H, Tq]`` (varlen: ``[H, Nq]``).
     """
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = default_scale(q.shape[-1])
     ct = compute_dtype(q.dtype)
     if cu_seqlens_q is not None:
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -229,7 +229,7 @@ def attention_with_kvcache_reference(
     if block_table is not None:
         k_cache, v_cache = gather_paged(k_cache, block_table), gather_paged(v_cache, block_table)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = default_scale(q.shape[-1])
     B, Tn, H, _ = q.shape
     Tmax = k_cache.shape[1]
     lens = cache_seqlens.to(q.device).long()

@@ -19,7 +19,6 @@ or the cache length are zeroed before use, so NaN/inf there never leaks; a finit
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -29,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo import backends
 from attnzoo.ops.attention.reference import diagonal_mask, logsumexp
 from attnzoo.ops.masks.block_mask import BlockMask
+from attnzoo.ops.validate import default_scale
 
 #: elements of one chunk's mask / score tile ``[B, H, chunk, keys]`` (bounds memory per chunk)
 CHUNK_ELEMS = 1 << 23
@@ -300,7 +300,7 @@ def attention_torch(
     return_lse=False,
 ):
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = default_scale(q.shape[-1])
     scale = float(scale)
     window = (int(window[0]), int(window[1]))
     if cu_seqlens_q is not None:
@@ -335,7 +335,7 @@ def attention_with_kvcache_torch(
     return_lse=False,
 ):
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = default_scale(q.shape[-1])
     scale = float(scale)
     B, Tn, H, _ = q.shape
     lens = cache_seqlens.to(q.device).long()

@@ -8,14 +8,13 @@ are imported on first use (``_kernels()``), so ``import attnzoo`` works without 
 
 from __future__ import annotations
 
-import math
 import dataclasses
 from typing import List
 
 import torch
 
 from attnzoo import backends
-from attnzoo.ops.validate import MAX_DECODE_QUERIES  # new queries a decode step may bring
+from attnzoo.ops.validate import MAX_DECODE_QUERIES, default_scale
 
 KERNEL_DTYPES = backends.KERNEL_DTYPES
 MIN_BLOCK = 16  # the smallest kernel tile; BlockMask blocks must be multiples of it
@@ -100,7 +99,7 @@ def attention_triton(
 ):
     kern = _kernels()
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = default_scale(q.shape[-1])
     varlen = cu_seqlens_q is not None
     if varlen:
         # the caller's maxima (validated in eager mode) spare a host read of cu_seqlens
@@ -138,7 +137,7 @@ def attention_with_kvcache_triton(
 ):
     _decode_kernels()
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = default_scale(q.shape[-1])
     o, lse = torch.ops.attnzoo.attention_decode(
         q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens.to(torch.int32),
         block_table=block_table.to(torch.int32) if block_table is not None else None,

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 from typing import List
 
 import torch
 
 from attnzoo import backends
+from attnzoo.ops.validate import default_scale
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -88,7 +88,7 @@ def attention_xformers(q, k, v, *, causal=False, scale=None, window=(-1, -1), bi
                        max_seqlen_k=None, return_lse=False):
     xops = importlib.import_module("xformers.ops")
     fmha = importlib.import_module("xformers.ops.fmha.attn_bias")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     left = int(window[0])
     varlen = cu_seqlens_q is not None
     if varlen:

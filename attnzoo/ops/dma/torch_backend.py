@@ -17,7 +17,6 @@ backward holds one chunk's mask at a time. Padded key slots are zeroed (NaN ther
 
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
@@ -26,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo import backends
 from attnzoo.ops.attention.torch_backend import FLOAT_DTYPES, _cast_bias, _expand_heads, _zero_excluded, sdpa_chunk
 from attnzoo.ops.dma.selection import PAD_RANK, key_ranks
+from attnzoo.ops.validate import default_scale
 
 CHUNK = 128
 
@@ -81,7 +81,7 @@ def dynamic_mask_attention_torch(q, k, v, bias, *, keep_window, causal=True, sca
 
         return attention_torch(q, k, v, causal=causal, scale=scale, bias=bias[:, :, None, :],
                                key_padding_mask=key_padding_mask)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = default_scale(D) if scale is None else float(scale)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.bool()
         k, v = _zero_excluded(k, key_padding_mask), _zero_excluded(v, key_padding_mask)

@@ -23,7 +23,6 @@ them) are never loaded, so NaN/inf in their K/V slots stays out (SPEC §0.3). He
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -36,6 +35,7 @@ from attnzoo.ops.attention.triton_common_jit import (
     LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, softmax_finish, softmax_step,
 )
 from attnzoo.ops.dma.selection import PAD_RANK, SKIP_BLOCK
+from attnzoo.ops.validate import default_scale
 
 _NO_SPEC = ["H", "G", "HB_DIV", "Tq", "Tk", "NBLK"]
 _PAD_RANK = tl.constexpr(PAD_RANK)
@@ -382,7 +382,7 @@ def dma_triton(q, k, v, bias, *, keep_window: int, causal: bool = True, scale: O
     from attnzoo.ops.dma.selection import dma_select
 
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = default_scale(q.shape[-1])
     with torch.no_grad():
         rank, cutoff, bmin = dma_select(bias.detach(), keep_window, q.shape[1], causal, key_padding_mask)
     o, _ = torch.ops.attnzoo.dma_fwd(q=q, k=k, v=v, bias=bias, rank=rank, cutoff=cutoff, block_min=bmin,

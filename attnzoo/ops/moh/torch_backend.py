@@ -11,7 +11,6 @@ time. Under ``torch.compile`` (no data-dependent sizes in a traced graph) every 
 
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
@@ -19,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnzoo import backends
 from attnzoo.ops.attention.torch_backend import FLOAT_DTYPES, _zero_excluded, graph_anchor, sdpa_chunk
+from attnzoo.ops.validate import default_scale
 
 CHUNK = 256  # packed rows per chunk
 
@@ -86,7 +86,7 @@ def moh_attention_torch(q, k, v, gates, *, causal=False, scale=None, window=(-1,
     Tk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
     offset = Tk - Tq
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = default_scale(D) if scale is None else float(scale)
     left, right = int(window[0]), int(window[1])
     if torch.compiler.is_compiling():
         # packing needs data-dependent sizes (nonzero, host reads of positions); a traced graph computes every

@@ -5,13 +5,12 @@ Imported at package import: it must not import triton or the kernel module at mo
 
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
 
 from attnzoo import backends
-from attnzoo.ops.validate import MAX_DECODE_QUERIES
+from attnzoo.ops.validate import MAX_DECODE_QUERIES, default_scale
 
 
 def supports_moh(q, k, v, gates, **_) -> List[str]:
@@ -36,7 +35,7 @@ def decoding(q, k, v, gates, key_padding_mask) -> bool:
 def moh_attention_triton(q, k, v, gates, *, causal=False, scale=None, window=(-1, -1), key_padding_mask=None):
     from attnzoo.ops.moh import triton_moh
 
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     if decoding(q, k, v, gates, key_padding_mask):
         return triton_moh.moh_decode(q=q, k=k, v=v, gates=gates, scale=scale, causal=bool(causal),
                                      window_left=int(window[0]), window_right=int(window[1]))
