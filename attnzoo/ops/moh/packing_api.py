@@ -1,11 +1,11 @@
 """``moh_pack_rows``: the packing of the active ``(token, head)`` rows for the head-sparse kernels (SPEC §3),
 with ``backend="auto"``: ``"reference"`` (:func:`attnzoo.ops.moh.packing.pack_active_rows`, priority 0)
-and ``"triton"`` (:mod:`attnzoo.ops.moh.triton_packing`, priority 10, imported only when it runs).
+and ``"triton"`` (:mod:`attnzoo.ops.moh.triton_packing`, priority 10, registered by
+:mod:`attnzoo.ops.moh.triton_backend`).
 """
 
 from __future__ import annotations
 
-from typing import List
 
 import torch
 
@@ -13,9 +13,6 @@ from attnzoo import backends
 from attnzoo.errors import InputError
 from attnzoo.ops import validate as V
 from attnzoo.ops.moh.packing import PackedRows, pack_active_rows
-from attnzoo.ops.moh.router_api import KERNEL_DTYPES
-
-
 
 
 def _pack_reference(gates: torch.Tensor, block_m: int, num_shared: int = 0) -> PackedRows:
@@ -28,20 +25,6 @@ def _pack_reference(gates: torch.Tensor, block_m: int, num_shared: int = 0) -> P
 @backends.register("moh_pack_rows", "reference", priority=0)
 def _pack_reference_backend(gates, block_m, num_shared=0):
     return _pack_reference(gates, block_m, num_shared)
-
-
-def supports_pack_triton(gates, **_) -> List[str]:
-    reasons = list(backends.triton_device_reasons(gates.device))
-    if gates.dtype not in KERNEL_DTYPES + (torch.float64,):
-        reasons.append(f"gates dtype {gates.dtype} is not supported by the Triton packing kernel")
-    return reasons
-
-
-@backends.register("moh_pack_rows", "triton", priority=10, supports=supports_pack_triton)
-def _pack_triton_backend(gates, block_m, num_shared=0):
-    from attnzoo.ops.moh import triton_packing
-
-    return triton_packing.pack_active_rows_triton(gates, block_m, num_shared)
 
 
 def moh_pack_rows(gates: torch.Tensor, block_m: int, num_shared: int = 0, *, backend: str = "auto") -> PackedRows:

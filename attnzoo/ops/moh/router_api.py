@@ -6,12 +6,13 @@ The router's matmuls stay in torch (cuBLAS): :func:`router_logits` computes them
 renormalisation, mix) -- the "triton" backend in one kernel per direction
 (:mod:`attnzoo.ops.moh.triton_router`, imported only when it runs).
 
-Backends: ``"reference"`` (PyTorch, any device, priority 0) and ``"triton"`` (priority 10), registered here.
+Backends: ``"reference"`` (PyTorch, any device, priority 0), registered here, and ``"triton"`` (priority 10),
+registered by :mod:`attnzoo.ops.moh.triton_backend`.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -20,8 +21,6 @@ from attnzoo.errors import InputError
 from attnzoo.ops import validate as V
 from attnzoo.ops.moh.router import NORMALIZE, RouterOutput, router_gates, router_logits  # noqa: F401
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEADS = 256  # per kind (routed or shared) in the Triton router: one register tile per token block
 
 
 # the reference is the library's router math itself
@@ -31,34 +30,6 @@ moh_router_reference = router_gates
 @backends.register("moh_router", "reference", priority=0)
 def _router_reference_backend(**kw):
     return moh_router_reference(**kw)
-
-
-def _router_device(logits_routed, logits_shared, **_):
-    return (logits_routed if logits_routed is not None else logits_shared).device
-
-
-def supports_router_triton(logits_routed, logits_shared, logits_mix, gates_dtype=None, **_) -> List[str]:
-    reasons = list(backends.triton_device_reasons(_router_device(logits_routed, logits_shared)))
-    for name, t in (("logits_routed", logits_routed), ("logits_shared", logits_shared), ("logits_mix", logits_mix)):
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} is not supported by the Triton router (float16, bfloat16, float32)")
-        if t is not None and name != "logits_mix" and t.shape[-1] > MAX_HEADS:
-            reasons.append(f"{name} has {t.shape[-1]} heads; the Triton router handles at most {MAX_HEADS} per kind")
-    if gates_dtype is not None and gates_dtype not in KERNEL_DTYPES:
-        reasons.append(f"gates_dtype {gates_dtype} is not supported by the Triton router (float16, bfloat16, float32)")
-    return reasons
-
-
-@backends.register("moh_router", "triton", priority=10, supports=supports_router_triton)
-def _router_triton_backend(logits_routed, logits_shared, logits_mix, top_k, normalize="code", gates_dtype=None):
-    from attnzoo.ops.moh import triton_router
-
-    ref = logits_routed if logits_routed is not None else logits_shared
-    gates, probs, selected = triton_router.moh_router_fwd(
-        logits_routed, logits_shared, logits_mix, int(top_k) if logits_routed is not None else 0,
-        normalize == "code", gates_dtype or ref.dtype,
-    )
-    return RouterOutput(gates, probs if logits_routed is not None else None, selected)
 
 
 def _check_logits(name: str, t: Optional[torch.Tensor], BT: Optional[Tuple[int, int]]):
