@@ -97,10 +97,6 @@ def test_core_matrix(b, tq, tk, hh, d, dtype, causal, left, right, kpm, seed):
     check_torch(q, k, v, **kw)
 
 
-def _bias_shapes(B, H, Hkv, Tq, Tk):
-    return [(bb, bh, bq, Tk) for bb in (B, 1) for bh in sorted({H, Hkv, 1}) for bq in (Tq, 1)]
-
-
 @settings(max_examples=20, **SETTINGS)
 @given(
     b=st.integers(1, 2), tq=st.integers(1, 36), tk=st.integers(1, 36), hh=heads(), dtype=st.sampled_from(DTYPES),
@@ -111,6 +107,8 @@ def test_bias_and_mask_broadcasts(b, tq, tk, hh, dtype, form, use_bias, use_mask
     """Additive bias (dbias reduced to its own shape) and bool masks in every broadcast form."""
     torch.manual_seed(seed)
     H, Hkv = hh
+    from test_attention_triton import _bias_shapes  # the 12 broadcast forms, as the Triton tests draw them
+
     shapes = _bias_shapes(b, H, Hkv, tq, tk)
     q, k, v = _rand(b, tq, H, 16, dtype=dtype), _rand(b, tk, Hkv, 16, dtype=dtype), _rand(b, tk, Hkv, 16, dtype=dtype)
     kw = dict(causal=causal)
