@@ -1,6 +1,7 @@
 """MoH attention's "torch" backend (SPEC §3: only active (token, head) rows are computed) against the
 reference: outputs and the gradients of q, k, v and the gates by the accuracy rule (SPEC §0); chunks of
-8 packed rows. Inactive gates get no gradient; an all-inactive call keeps its inputs in the graph.
+8 packed rows on both paths (masked chunks; CPU flash prefix + band), heads active on every token as plain
+attention. Inactive gates get no gradient; an all-inactive call keeps its inputs in the graph.
 """
 
 import pytest
@@ -21,20 +22,24 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" els
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(TB, "CHUNK", 8)
+    monkeypatch.setattr(TB, "FLASH_CHUNK", 8)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(b=st.integers(1, 2), tq=st.integers(1, 36), tk=st.integers(1, 36), hkv=st.sampled_from([1, 2]),
        g=st.sampled_from([1, 2, 4]), frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]), causal=st.booleans(),
        window=st.sampled_from([(-1, -1), (4, 0), (3, 5)]), kpm=st.booleans(), dtype=st.sampled_from(DTYPES),
-       seed=st.integers(0, 9999))
-def test_against_reference(b, tq, tk, hkv, g, frac, causal, window, kpm, dtype, seed):
+       full_head=st.booleans(), seed=st.integers(0, 9999))
+def test_against_reference(b, tq, tk, hkv, g, frac, causal, window, kpm, dtype, full_head, seed):
     torch.manual_seed(seed)
     H = hkv * g
     q = torch.randn(b, tq, H, 16, device=DEV).to(dtype)
     k, v = (torch.randn(b, tk, hkv, 16, device=DEV).to(dtype) for _ in range(2))
     gates = torch.rand(b, tq, H, device=DEV) + 0.5
-    gates = torch.where(torch.rand(b, tq, H, device=DEV) < frac, gates, torch.zeros_like(gates)).to(dtype)
+    drop = torch.rand(b, tq, H, device=DEV) >= frac
+    if full_head:  # the first head of the last kv group is active on every token (a shared head)
+        drop[..., H - g] = False
+    gates = torch.where(drop, torch.zeros_like(gates), gates).to(dtype)
     kw = dict(causal=causal, window=window)
     if kpm:
         kw["key_padding_mask"] = torch.rand(b, tk, device=DEV) > 0.3
@@ -58,52 +63,64 @@ def test_against_reference(b, tq, tk, hkv, g, frac, causal, window, kpm, dtype, 
 
 @pytest.mark.parametrize("train", [True, False])
 def test_cost_follows_active_rows(train, monkeypatch):
-    """Only active rows reach the attention: with a quarter of the rows active, the attention calls see a
-    quarter of the query rows (training: masked SDPA; inference: the unmasked prefix kernel)."""
+    """Only active rows reach the attention: with a quarter of the rows of three heads active, the masked
+    (band) calls of the CPU flash path see exactly those rows, each once; the prefix calls see no others; the
+    fourth head, active on every token, runs as one causal SDPA call over its T rows."""
     import torch.nn.functional as F
 
     import attnzoo.ops.attention.torch_backend as ATB
 
-    seen = []
-    real_sdpa, real_lse = F.scaled_dot_product_attention, TB.sdpa_with_lse
+    band, prefix, dense = [], [], []
+    real_sdpa, real_flash = F.scaled_dot_product_attention, TB._flash
 
-    def spy(q, *a, **k):
-        seen.append(q.shape[-2] * q.shape[-3] * q.shape[0])
+    def spy_sdpa(q, *a, **k):
+        dense.append(q.shape[-2] * q.shape[-3] * q.shape[0])
         return real_sdpa(q, *a, **k)
 
-    def spy_lse(q, *a, **k):
-        seen.append(q.shape[-2] * q.shape[-3] * q.shape[0])
-        return real_lse(q, *a, **k)
+    def spy_flash(q, k, v, scale, mask):
+        (prefix if mask is None else band).append(q.shape[-2])
+        return real_flash(q, k, v, scale, mask)
 
-    monkeypatch.setattr(TB, "sdpa_with_lse", spy_lse)
+    monkeypatch.setattr(TB, "_flash", spy_flash)
+    monkeypatch.setattr(ATB.F, "scaled_dot_product_attention", spy_sdpa)
     torch.manual_seed(0)
     B, T, H = 1, 64, 4
     q, k, v = torch.randn(B, T, H, 16), torch.randn(B, T, 2, 16), torch.randn(B, T, 2, 16)
     q.requires_grad_(train)
     gates = torch.zeros(B, T, H)
-    gates[:, ::4] = 1.0
-    try:
-        ATB.F.scaled_dot_product_attention = spy
-        moh_attention(q, k, v, gates, causal=True, backend="torch")
-    finally:
-        ATB.F.scaled_dot_product_attention = real_sdpa
-    assert sum(seen) == int((gates != 0).sum())
+    gates[:, ::4, :3] = 1.0
+    gates[:, :, 3] = 1.0
+    o = moh_attention(q, k, v, gates, causal=True, backend="torch")
+    if train:
+        o.sum().backward()
+    assert sum(band) == int((gates[..., :3] != 0).sum())
+    assert 0 < sum(prefix) <= sum(band)
+    assert dense == [T]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
-@given(b=st.integers(1, 2), tq=st.integers(1, 40), tk=st.integers(1, 40), g=st.sampled_from([1, 4]),
-       frac=st.sampled_from([0.3, 1.0]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 9999))
-def test_inference_prefix_band_path(b, tq, tk, g, frac, dtype, seed):
-    """Without gradients, causal rows on CPU split each chunk's keys into an unmasked prefix (SDPA's flash
-    kernel with its lse) and a masked band, merged by lse: the same result by the accuracy rule."""
+@given(b=st.integers(1, 2), tq=st.integers(1, 40), extra=st.integers(0, 20), g=st.sampled_from([1, 4]),
+       frac=st.sampled_from([0.1, 0.3, 0.9]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 9999))
+def test_prefix_band_path(b, tq, extra, g, frac, dtype, seed):
+    """Causal rows on CPU split each chunk's keys into an unmasked prefix (the flash kernel with its lse) and
+    a masked band, merged by lse; the backward runs the flash backward per part with the merged output and
+    lse: outputs and all gradients by the accuracy rule, ``Tk >= Tq`` (bottom-right causal)."""
     torch.manual_seed(seed)
-    H = 2 * g
+    H, tk = 2 * g, tq + extra
     q = torch.randn(b, tq, H, 16, device=DEV).to(dtype)
     k, v = (torch.randn(b, tk, 2, 16, device=DEV).to(dtype) for _ in range(2))
-    gates = torch.where(torch.rand(b, tq, H, device=DEV) < frac, 1.0, 0.0).to(dtype)
-    with torch.no_grad():
-        got = moh_attention(q, k, v, gates, causal=True, backend="torch")
-        ref = moh_attention_reference(q.double(), k.double(), v.double(), gates.double(), causal=True)
-        with lowp_reference():
-            low = moh_attention_reference(q, k, v, gates, causal=True)
-    assert_close_by_rule(got, ref, low, "o", dtype=dtype)
+    gates = torch.where(torch.rand(b, tq, H, device=DEV) < frac, torch.rand(b, tq, H, device=DEV) + 0.5,
+                        torch.zeros(b, tq, H, device=DEV)).to(dtype)
+    do = torch.randn(b, tq, H, 16, device=DEV)
+
+    def run(fn, cast):
+        ins = [cast(t).detach().requires_grad_() for t in (q, k, v, gates)]
+        o = fn(*ins, causal=True)
+        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
+
+    got = run(lambda *a, **kw: moh_attention(*a, backend="torch", **kw), lambda t: t)
+    ref = run(moh_attention_reference, lambda t: t.double())
+    with lowp_reference():
+        low = run(moh_attention_reference, lambda t: t)
+    for name, a, r, lo in zip(("o", "dq", "dk", "dv", "dgates"), got, ref, low):
+        assert_close_by_rule(a, r, lo, name, dtype=dtype)
