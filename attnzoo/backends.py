@@ -227,12 +227,13 @@ def select(op: str, backend: str, **inputs) -> Implementation:
     if op not in _REGISTRY:
         raise BackendUnavailableError(f"no implementation of {op} is registered")
     if backend != "auto":
-        reasons = why_not(op, **inputs)[backend]
-        if reasons:
+        impl = _REGISTRY[op].get(backend)
+        reasons = impl.supports(**inputs) if impl is not None else ["not implemented"]
+        if reasons:  # the message lists every backend's reasons
             raise BackendUnavailableError(
                 f"backend={backend!r} cannot run {op} on these inputs:\n" + _format_all(why_not(op, **inputs))
             )
-        return _REGISTRY[op][backend]
+        return impl
     device = _device_of(inputs)
     row = auto_row(op, inputs)
     if row is not None:

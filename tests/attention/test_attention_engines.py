@@ -32,6 +32,17 @@ def _module(name, **attrs):
     return m
 
 
+@pytest.fixture(autouse=True)
+def fresh_availability():
+    """The engines cache whether their library is importable (once per process); the fakes below change
+    that within the process, so each test starts and ends with empty caches."""
+    FA._spec.cache_clear()
+    XF.installed.cache_clear()
+    yield
+    FA._spec.cache_clear()
+    XF.installed.cache_clear()
+
+
 def _inputs(B=2, Tq=9, Tk=13, H=4, Hkv=2, D=16, dtype=torch.float16):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(B, T, h, D, generator=g).to(dtype) for T, h in ((Tq, H), (Tk, Hkv), (Tk, Hkv))]

@@ -17,6 +17,7 @@ Masking contract: rows with no visible key come back as 0; flash-attn's lse for 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import List, Optional, Tuple
@@ -31,6 +32,7 @@ MAX_HEAD_DIM = 256
 PAGE_MULTIPLE = 256
 
 
+@functools.lru_cache(maxsize=None)  # a find_spec walks sys.path: once per process, not per call
 def _spec(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

@@ -14,6 +14,7 @@ key, which xformers does not promise to return as 0 -- the masking contract).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import List
@@ -26,6 +27,7 @@ from attnzoo.ops.validate import default_scale
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.lru_cache(maxsize=None)  # a find_spec walks sys.path: once per process, not per call
 def installed() -> bool:
     try:
         return importlib.util.find_spec("xformers") is not None and importlib.util.find_spec("xformers.ops") is not None
