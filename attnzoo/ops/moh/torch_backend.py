@@ -25,6 +25,7 @@ from typing import List
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo import backends
@@ -125,6 +126,7 @@ class _CausalPackedRows(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, last, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
