@@ -9,6 +9,13 @@ are visible: every visible key; ``-1`` when none is). ``cutoff`` is computed ove
 memory stays ``O(chunk * Tk)``. ``block_min[n]`` = the smallest rank in key block ``n`` (``SKIP_BLOCK`` keys),
 what a kernel compares with a query tile's largest cutoff to skip the whole key tile.
 
+Visit lists (:func:`visit_lists`): per (batch, bias head, query tile of ``block_m`` rows) the ascending key
+tiles of ``block_n`` keys that the tile must visit -- a key tile whose smallest rank is at most the query
+tile's largest cutoff and that starts inside the causal band of the query tile's last row -- and the
+transposed lists per key tile. A kernel walks such a list (``for i in range(count): kt = list[i]``) with
+no data-dependent branch around its loads, so the loads pipeline. Building them costs
+``O(Tq/block_m * Tk/block_n)`` per (batch, head): tile-level, like a BlockMask.
+
 Pure PyTorch (traceable by torch.compile); no triton import.
 """
 
@@ -80,6 +87,56 @@ def block_min_ranks(rank: torch.Tensor, block: int = SKIP_BLOCK) -> torch.Tensor
     padded = torch.full((B, Hb, nb * block), PAD_RANK, dtype=torch.int32, device=rank.device)
     padded[:, :, :Tk] = rank
     return padded.view(B, Hb, nb, block).amin(-1).contiguous()
+
+
+def tile_visits(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
+                causal: bool, skip_block: int = SKIP_BLOCK) -> torch.Tensor:
+    """``[B, Hb, ceil(Tq / block_m), ceil(Tk / block_n)]`` bool: does query tile ``m`` visit key tile ``n``?
+
+    Yes iff the key tile's smallest rank (from ``block_min``, ``block_n`` a multiple of ``skip_block``) is at
+    most the query tile's largest cutoff and (causal) the key tile starts at or before the diagonal of the
+    query tile's last row. Every (row, key) pair that is kept lies in a visited tile pair."""
+    if block_n % skip_block:
+        raise ValueError(f"block_n={block_n} must be a multiple of skip_block={skip_block}")
+    B, Hb, Tq = cutoff.shape
+    dev = cutoff.device
+    nm, nn = -(-Tq // block_m), -(-Tk // block_n)
+    cut = torch.full((B, Hb, nm * block_m), -1, dtype=torch.int32, device=dev)
+    cut[:, :, :Tq] = cutoff
+    max_cut = cut.view(B, Hb, nm, block_m).amax(-1)
+    per = block_n // skip_block
+    bmin = torch.full((B, Hb, nn * per), PAD_RANK, dtype=torch.int32, device=dev)
+    bmin[:, :, :block_min.shape[-1]] = block_min
+    tile_min = bmin.view(B, Hb, nn, per).amin(-1)
+    visit = tile_min[:, :, None, :] <= max_cut[:, :, :, None]
+    if causal:
+        last = (torch.arange(nm, device=dev) + 1) * block_m
+        hi = torch.clamp(torch.clamp(last, max=Tq) + (Tk - Tq), max=Tk)  # end of the last row's keys
+        start_n = torch.arange(nn, device=dev) * block_n
+        visit = visit & (start_n[None, :] < hi[:, None])
+    return visit
+
+
+def compact(visit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``visit [..., n]`` bool -> ``(count [...], index [..., n])`` int32 contiguous: the positions of the
+    True entries in ascending order first (the rest of each row is padding, never read)."""
+    n = visit.shape[-1]
+    pos = torch.arange(n, dtype=torch.int32, device=visit.device).expand_as(visit)
+    index = torch.where(visit, pos, n).sort(-1).values.to(torch.int32)
+    return visit.sum(-1, dtype=torch.int32).contiguous(), index.contiguous()
+
+
+def visit_lists(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
+                causal: bool, by: str = "query"):
+    """The compacted :func:`tile_visits`: ``by="query"``: per query tile its key tiles (``count [B, Hb, nm]``,
+    ``index [B, Hb, nm, nn]``); ``by="key"``: per key tile its query tiles (``[B, Hb, nn]``,
+    ``[B, Hb, nn, nm]``). Indices ascend."""
+    visit = tile_visits(cutoff, block_min, Tk, block_m, block_n, causal)
+    if by == "key":
+        visit = visit.transpose(-1, -2)
+    elif by != "query":
+        raise ValueError(f"by: expected 'query' or 'key', got {by!r}")
+    return compact(visit)
 
 
 def dma_select(bias: torch.Tensor, keep_window: int, Tq: int, causal: bool,
