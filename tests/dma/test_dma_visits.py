@@ -55,9 +55,10 @@ def _case(B, Tq, Tk, Hb, keep, kind, pad, causal, seed):
     B=st.integers(1, 2), Tq=st.integers(1, 70), dk=st.integers(-20, 40), Hb=st.integers(1, 2),
     keep=st.integers(1, 40), kind=st.sampled_from(["zeros", "ints", "randn"]), pad=st.booleans(),
     causal=st.booleans(), tiles=st.sampled_from([(16, 16), (16, 32), (32, 16), (64, 64), (32, 64)]),
-    seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([1, 3]), seed=st.integers(0, 2**16),
 )
-def test_visits_equal_brute_force_and_cover_every_kept_pair(B, Tq, dk, Hb, keep, kind, pad, causal, tiles, seed):
+def test_visits_equal_brute_force_and_cover_every_kept_pair(B, Tq, dk, Hb, keep, kind, pad, causal, tiles, chunk,
+                                                            seed):
     Tk = max(1, Tq + dk)
     bm, bn = tiles
     rank, cut, bmin = _case(B, Tq, Tk, Hb, keep, kind, pad, causal, seed)
@@ -73,6 +74,9 @@ def test_visits_equal_brute_force_and_cover_every_kept_pair(B, Tq, dk, Hb, keep,
     # the compacted lists, both ways: ascending visited tiles first
     for by, vis in (("query", visit), ("key", visit.transpose(-1, -2))):
         count, index = visit_lists(cut, bmin, Tk, bm, bn, causal, by=by)
+        # built in chunks of a few tiles: the same lists
+        c1, i1 = visit_lists(cut, bmin, Tk, bm, bn, causal, by=by, chunk_elems=chunk * vis.shape[-1])
+        assert torch.equal(c1, count) and torch.equal(i1, index)
         assert count.dtype == index.dtype == torch.int32 and index.is_contiguous()
         assert torch.equal(count, vis.sum(-1).to(torch.int32))
         for b in range(B):
@@ -188,3 +192,20 @@ def test_nan_in_padded_kv_slots_never_leaks(causal):
     pad = ~kpm.to(DEV)
     assert (got[2][pad] == 0).all() and (got[3][pad] == 0).all()
     assert (got[4].transpose(1, 2)[pad] == 0).all()
+
+
+@needs_triton
+def test_kernel_tiles_fit_the_tables(monkeypatch):
+    """Every tile the launchers pick (GPU and interpreter) divides the side tables' padding, and its key
+    tile is whole block-minimum blocks."""
+    from attnzoo.ops import triton_common as TC
+    from attnzoo.ops.dma import triton_dma
+    from attnzoo.ops.dma.selection import SKIP_BLOCK
+
+    for interp in (True, False):
+        monkeypatch.setattr(TC, "interpreter", lambda interp=interp: interp)
+        for kind in ("fwd", "dq", "dkdv"):
+            for d in (16, 32, 64, 96, 128, 256):
+                bm, bn, _w = triton_dma._blocks(kind, d)
+                assert triton_dma.KEY_PAD % bm == 0 and triton_dma.KEY_PAD % bn == 0, (kind, d)
+                assert bn % SKIP_BLOCK == 0, (kind, d)

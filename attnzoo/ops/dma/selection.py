@@ -89,13 +89,10 @@ def block_min_ranks(rank: torch.Tensor, block: int = SKIP_BLOCK) -> torch.Tensor
     return padded.view(B, Hb, nb, block).amin(-1).contiguous()
 
 
-def tile_visits(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
-                causal: bool, skip_block: int = SKIP_BLOCK) -> torch.Tensor:
-    """``[B, Hb, ceil(Tq / block_m), ceil(Tk / block_n)]`` bool: does query tile ``m`` visit key tile ``n``?
-
-    Yes iff the key tile's smallest rank (from ``block_min``, ``block_n`` a multiple of ``skip_block``) is at
-    most the query tile's largest cutoff and (causal) the key tile starts at or before the diagonal of the
-    query tile's last row. Every (row, key) pair that is kept lies in a visited tile pair."""
+def _tile_bounds(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
+                 causal: bool, skip_block: int):
+    """Per query tile its largest cutoff ``[B, Hb, nm]`` and (causal, else None) the end of its last row's
+    keys ``[nm]``; per key tile its smallest rank ``[B, Hb, nn]`` and first key ``[nn]``."""
     if block_n % skip_block:
         raise ValueError(f"block_n={block_n} must be a multiple of skip_block={skip_block}")
     B, Hb, Tq = cutoff.shape
@@ -108,13 +105,29 @@ def tile_visits(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m:
     bmin = torch.full((B, Hb, nn * per), PAD_RANK, dtype=torch.int32, device=dev)
     bmin[:, :, :block_min.shape[-1]] = block_min
     tile_min = bmin.view(B, Hb, nn, per).amin(-1)
-    visit = tile_min[:, :, None, :] <= max_cut[:, :, :, None]
+    hi = None
     if causal:
         last = (torch.arange(nm, device=dev) + 1) * block_m
-        hi = torch.clamp(torch.clamp(last, max=Tq) + (Tk - Tq), max=Tk)  # end of the last row's keys
-        start_n = torch.arange(nn, device=dev) * block_n
+        hi = torch.clamp(torch.clamp(last, max=Tq) + (Tk - Tq), max=Tk)
+    return max_cut, hi, tile_min, torch.arange(nn, device=dev) * block_n
+
+
+def _visit(max_cut, hi, tile_min, start_n):
+    """The visit matrix ``[B, Hb, len(max_cut), len(tile_min)]`` of some query tiles and key tiles."""
+    visit = tile_min[:, :, None, :] <= max_cut[:, :, :, None]
+    if hi is not None:
         visit = visit & (start_n[None, :] < hi[:, None])
     return visit
+
+
+def tile_visits(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
+                causal: bool, skip_block: int = SKIP_BLOCK) -> torch.Tensor:
+    """``[B, Hb, ceil(Tq / block_m), ceil(Tk / block_n)]`` bool: does query tile ``m`` visit key tile ``n``?
+
+    Yes iff the key tile's smallest rank (from ``block_min``, ``block_n`` a multiple of ``skip_block``) is at
+    most the query tile's largest cutoff and (causal) the key tile starts at or before the diagonal of the
+    query tile's last row. Every (row, key) pair that is kept lies in a visited tile pair."""
+    return _visit(*_tile_bounds(cutoff, block_min, Tk, block_m, block_n, causal, skip_block))
 
 
 def compact(visit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -127,16 +140,29 @@ def compact(visit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def visit_lists(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
-                causal: bool, by: str = "query"):
+                causal: bool, by: str = "query", chunk_elems: int = CHUNK_ELEMS
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The compacted :func:`tile_visits`: ``by="query"``: per query tile its key tiles (``count [B, Hb, nm]``,
     ``index [B, Hb, nm, nn]``); ``by="key"``: per key tile its query tiles (``[B, Hb, nn]``,
-    ``[B, Hb, nn, nm]``). Indices ascend."""
-    visit = tile_visits(cutoff, block_min, Tk, block_m, block_n, causal)
-    if by == "key":
-        visit = visit.transpose(-1, -2)
-    elif by != "query":
+    ``[B, Hb, nn, nm]``). Indices ascend. Built over chunks of tiles (``chunk_elems`` visit-matrix entries
+    each), so the transient memory beyond the lists is ``O(chunk)``."""
+    if by not in ("query", "key"):
         raise ValueError(f"by: expected 'query' or 'key', got {by!r}")
-    return compact(visit)
+    max_cut, hi, tile_min, start_n = _tile_bounds(cutoff, block_min, Tk, block_m, block_n, causal, SKIP_BLOCK)
+    B, Hb, nm = max_cut.shape
+    nn = tile_min.shape[-1]
+    rows, width = (nm, nn) if by == "query" else (nn, nm)
+    count = torch.empty(B, Hb, rows, dtype=torch.int32, device=cutoff.device)
+    index = torch.empty(B, Hb, rows, width, dtype=torch.int32, device=cutoff.device)
+    step = max(1, chunk_elems // max(B * Hb * width, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if by == "query":
+            visit = _visit(max_cut[:, :, r0:r1], None if hi is None else hi[r0:r1], tile_min, start_n)
+        else:
+            visit = _visit(max_cut, hi, tile_min[:, :, r0:r1], start_n[r0:r1]).transpose(-1, -2)
+        count[:, :, r0:r1], index[:, :, r0:r1] = compact(visit)
+    return count, index
 
 
 def dma_select(bias: torch.Tensor, keep_window: int, Tq: int, causal: bool,

@@ -1,24 +1,39 @@
 """Triton kernels of Dynamic Mask Attention (SPEC §5) that never build a ``Tq x Tk`` mask, and their custom ops.
 
-Inputs from :mod:`attnzoo.ops.dma.selection`: ``rank [B, Hb, Tk]`` (padded keys ``PAD_RANK``),
-``cutoff [B, Hb, Tq]`` and ``block_min [B, Hb, ceil(Tk/16)]``. Row ``i`` keeps key ``j`` iff
-``rank[j] <= cutoff[i]`` and (causal) ``j <= i + Tk - Tq``; the kernels evaluate that in registers from a
-rank vector of the key tile and a cutoff vector of the query tile. Scores are ``scale q.k + bias[j]``.
+Selection (:mod:`attnzoo.ops.dma.selection`, PyTorch, before launch): ``rank [B, Hb, Tk]`` (padded keys
+``PAD_RANK``), ``cutoff [B, Hb, Tq]`` and ``block_min [B, Hb, ceil(Tk/16)]``. Row ``i`` keeps key ``j`` iff
+``rank[j] <= cutoff[i]`` and (causal) ``j <= i + Tk - Tq``; the kernels evaluate that in registers from the
+key tile's ranks and the query tile's cutoffs. Scores are ``scale q.k + bias[j]`` (log2 domain).
 
-* forward: one program per (query tile, batch, query head), FlashAttention-2 online softmax over key tiles
-  of the causal band; a key tile is skipped (K/V never loaded) when its smallest rank exceeds the query
-  tile's largest cutoff.
-* dQ: same loop and skip. dK/dV/dbias: one program per (key tile, batch, kv head), looping over the G query
-  heads and the query tiles of the causal band, skipping query tiles whose largest cutoff is below the key
-  tile's smallest rank. dbias per key = sum over rows of dS, accumulated in registers, written per query
-  head into an fp32 ``[B, H, Tk]`` buffer that the host sums to the bias' heads.
+Visit lists (``selection.visit_lists``, built per launch for the kernel's tiles): per (batch, selection head,
+query tile) the ascending key tiles it must visit -- the key tile's smallest rank is at most the query
+tile's largest cutoff, and (causal) it starts inside the band of the tile's last row -- and, for dK/dV, per
+key tile the query tiles that visit it. A tile pair off the list holds no kept (row, key) pair. Every loop
+below is ``for i in range(count): t = list[i]`` with no branch around its loads, so Triton's software
+pipeliner streams them (16-byte ``cp.async`` into shared memory, ``num_stages`` deep; the list entry is
+fetched a stage ahead of the tile it names). Two padded side tables keep the per-tile vectors to one
+unmasked, aligned load each: the key table ``[B, Hb, Tk_pad, 2]`` fp32 (rank bits, bias) and, for the
+backward, the row table ``[B, H, Tq_pad, 4]`` fp32 (lse, delta, cutoff bits, 0).
 
-So the work per query tile follows the number of key tiles that hold a kept key (about
-``keep_window / BLOCK_N`` plus scatter), not ``Tk``. Keys that no row of the tile keeps (padded keys among
-them) are never loaded, so NaN/inf in their K/V slots stays out (SPEC §0.3). Head dims are constexprs
-(128-bit tile loads); the skipped-tile test guards every K/V load, so these loops are not cp.async-pipelined
-(a visit list built before the loop would allow it). The softmax arithmetic comes from
-``attention/triton_common_jit``. Imports triton: import lazily.
+* forward: one program per (query tile, batch, query head). Registers: the Q tile, the row cutoffs and
+  their max, the fp32 accumulator ``[BLOCK_M, Dv]`` and the running max/sum. Per listed key tile: K^T and V
+  tiles (shared memory, pipelined), the tile's ranks and biases; FlashAttention-2 online softmax step.
+* dQ: the same walk; Q, dO, lse, delta, cutoffs and the fp32 dQ accumulator in registers.
+* dK/dV/dbias: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in
+  registers; for each of the G query heads of the group, its key-tile ranks/biases, then its listed query
+  tiles (Q, dO and the row-table entries pipelined). dbias per key = sum over rows of dS, accumulated in
+  registers, written per query head into an fp32 ``[B, H, Tk]`` buffer that the host sums to the bias' heads.
+
+What is skipped and why: tile pairs off the lists are never visited (their K/V, Q/dO never loaded), so the
+work per query tile follows the number of key tiles that hold a kept key (about ``keep_window / BLOCK_N``
+plus the causal diagonal and scatter), not ``Tk``; building the lists is tile-level work
+(``O(Tq/BLOCK_M * Tk/BLOCK_N)`` per head, in chunks). Inside a visited tile, K/V rows of keys that no row of
+the query tile keeps (padded keys among them) are masked out of the loads (zero-filled, never read), so
+NaN/inf in their slots stays out (SPEC §0.3); the dK/dV program leaves padded keys' K/V unread. Head dims
+are constexprs (128-bit tile loads). Checked offline for sm_90 by ``tools/cross_compile.py --gate --families
+dma`` (Triton 3.9 and 3.6): 128-bit tile loads, cp.async in every tile loop, no spill. Tiles are fixed per
+kind and head dim (:func:`_blocks`, not autotuned): the lists depend on them. The softmax arithmetic comes
+from ``attention/triton_common_jit``. Imports triton: import lazily.
 """
 
 from __future__ import annotations
@@ -48,6 +63,16 @@ def _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL: tl.constexpr):
     keep = (rk[None, :] <= cut[:, None]) & (offs_n[None, :] < Tk) & (offs_m[:, None] < Tq)
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+    return keep
+
+
+@triton.jit
+def _keep_t(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL: tl.constexpr):
+    """:func:`_keep` transposed, ``[N, M]``, built in that orientation (the dK/dV tiles): the key tile's ranks
+    and biases then share one register layout."""
+    keep = (rk[:, None] <= cut[None, :]) & (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
+    if CAUSAL:
+        keep = keep & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
     return keep
 
 
@@ -243,7 +268,7 @@ def _dma_bwd_dkdv_kernel(
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
             st += bv[:, None] * LOG2E_C
-            keep = tl.trans(_keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL))
+            keep = _keep_t(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
             lse2 = lse_log2(lse)
             dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
             if NEED_DB:
@@ -259,8 +284,8 @@ def _dma_bwd_dkdv_kernel(
 
 def _blocks(kind: str, head_dim: int):
     """(BLOCK_M, BLOCK_N, num_warps): small fixed tiles under the interpreter (tests cross tile edges);
-    fixed (not autotuned, not yet benchmarked) tiles on a GPU, smaller for wide heads. BLOCK_N must be a
-    multiple of SKIP_BLOCK."""
+    fixed (not autotuned, not yet benchmarked) tiles on a GPU, smaller for wide heads. Both divide
+    ``KEY_PAD`` (the side tables' padding); BLOCK_N is a multiple of ``SKIP_BLOCK`` (the block minima)."""
     if TC.interpreter():
         return 16, 16, 1
     if TC.head_block(head_dim) >= 256:
@@ -271,7 +296,7 @@ def _blocks(kind: str, head_dim: int):
     return 64, 64, 4
 
 
-KEY_PAD = 128  # the key table's rows are padded to a multiple of this (>= every BLOCK_N)
+KEY_PAD = 128  # key / row tables are padded to a multiple of this (every BLOCK_M and BLOCK_N divides it)
 
 
 def key_table(rank: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
