@@ -290,9 +290,10 @@ def _blocks(kind: str, head_dim: int):
         return 16, 16, 1
     if TC.head_block(head_dim) >= 256:
         return 32, 32, 4
-    if kind == "dkdv":  # two [BLOCK_N, head] fp32 accumulators: at head dim 128, 8 warps and 32 keys spill
-        # nothing at sm_90 on Triton 3.6 and 3.9 (4 warps spilled 56-64 B; 64 keys, 8 warps 240 B on 3.6)
-        return (32, 32, 8) if TC.head_block(head_dim) >= 128 else (32, 64, 4)
+    if kind == "dkdv":  # two [BLOCK_N, head] fp32 accumulators: at head dim 128, 64 keys with 8 warps
+        # (wgmma) spill nothing at sm_90 on Triton 3.6 and 3.9 since the loops walk visit lists (with the
+        # branch-guarded loops, 64 keys spilled 240 B on 3.6 and the fallback was 32 keys on mma.sync)
+        return (32, 64, 8) if TC.head_block(head_dim) >= 128 else (32, 64, 4)
     return 64, 64, 4
 
 
