@@ -7,14 +7,15 @@ more recent key, as :func:`attnzoo.ops.dma.reference.dma_keep_mask`. Padded keys
 ``cutoff[i]`` is the ``keep_window``-th smallest rank among the row's visible keys (``ALL_RANK`` when fewer
 are visible: every visible key; ``-1`` when none is). ``cutoff`` is computed over chunks of rows, so
 memory stays ``O(chunk * Tk)``. ``block_min[n]`` = the smallest rank in key block ``n`` (``SKIP_BLOCK`` keys),
-what a kernel compares with a query tile's largest cutoff to skip the whole key tile.
+from which the visit lists take each key tile's smallest rank.
 
 Visit lists (:func:`visit_lists`): per (batch, bias head, query tile of ``block_m`` rows) the ascending key
 tiles of ``block_n`` keys that the tile must visit -- a key tile whose smallest rank is at most the query
 tile's largest cutoff and that starts inside the causal band of the query tile's last row -- and the
 transposed lists per key tile. A kernel walks such a list (``for i in range(count): kt = list[i]``) with
 no data-dependent branch around its loads, so the loads pipeline. Building them costs
-``O(Tq/block_m * Tk/block_n)`` per (batch, head): tile-level, like a BlockMask.
+``O(Tq/block_m * Tk/block_n)`` per (batch, head) -- tile-level, like a BlockMask's lists (int32, one row of
+``Tk/block_n`` entries per query tile) -- computed over chunks of tiles.
 
 Pure PyTorch (traceable by torch.compile); no triton import.
 """
