@@ -7,7 +7,15 @@ more recent key, as :func:`attnzoo.ops.dma.reference.dma_keep_mask`. Padded keys
 ``cutoff[i]`` is the ``keep_window``-th smallest rank among the row's visible keys (``ALL_RANK`` when fewer
 are visible: every visible key; ``-1`` when none is). ``cutoff`` is computed over chunks of rows, so
 memory stays ``O(chunk * Tk)``. ``block_min[n]`` = the smallest rank in key block ``n`` (``SKIP_BLOCK`` keys),
-what a kernel compares with a query tile's largest cutoff to skip the whole key tile.
+from which the visit lists take each key tile's smallest rank.
+
+Visit lists (:func:`visit_lists`): per (batch, bias head, query tile of ``block_m`` rows) the ascending key
+tiles of ``block_n`` keys that the tile must visit -- a key tile whose smallest rank is at most the query
+tile's largest cutoff and that starts inside the causal band of the query tile's last row -- and the
+transposed lists per key tile. A kernel walks such a list (``for i in range(count): kt = list[i]``) with
+no data-dependent branch around its loads, so the loads pipeline. Building them costs
+``O(Tq/block_m * Tk/block_n)`` per (batch, head) -- tile-level, like a BlockMask's lists (int32, one row of
+``Tk/block_n`` entries per query tile) -- computed over chunks of tiles.
 
 Pure PyTorch (traceable by torch.compile); no triton import.
 """
@@ -80,6 +88,82 @@ def block_min_ranks(rank: torch.Tensor, block: int = SKIP_BLOCK) -> torch.Tensor
     padded = torch.full((B, Hb, nb * block), PAD_RANK, dtype=torch.int32, device=rank.device)
     padded[:, :, :Tk] = rank
     return padded.view(B, Hb, nb, block).amin(-1).contiguous()
+
+
+def _tile_bounds(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
+                 causal: bool, skip_block: int):
+    """Per query tile its largest cutoff ``[B, Hb, nm]`` and (causal, else None) the end of its last row's
+    keys ``[nm]``; per key tile its smallest rank ``[B, Hb, nn]`` and first key ``[nn]``."""
+    if block_n % skip_block:
+        raise ValueError(f"block_n={block_n} must be a multiple of skip_block={skip_block}")
+    B, Hb, Tq = cutoff.shape
+    dev = cutoff.device
+    nm, nn = -(-Tq // block_m), -(-Tk // block_n)
+    cut = torch.full((B, Hb, nm * block_m), -1, dtype=torch.int32, device=dev)
+    cut[:, :, :Tq] = cutoff
+    max_cut = cut.view(B, Hb, nm, block_m).amax(-1)
+    per = block_n // skip_block
+    bmin = torch.full((B, Hb, nn * per), PAD_RANK, dtype=torch.int32, device=dev)
+    bmin[:, :, :block_min.shape[-1]] = block_min
+    tile_min = bmin.view(B, Hb, nn, per).amin(-1)
+    hi = None
+    if causal:
+        last = (torch.arange(nm, device=dev) + 1) * block_m
+        hi = torch.clamp(torch.clamp(last, max=Tq) + (Tk - Tq), max=Tk)
+    return max_cut, hi, tile_min, torch.arange(nn, device=dev) * block_n
+
+
+def _visit(max_cut, hi, tile_min, start_n):
+    """The visit matrix ``[B, Hb, len(max_cut), len(tile_min)]`` of some query tiles and key tiles."""
+    visit = tile_min[:, :, None, :] <= max_cut[:, :, :, None]
+    if hi is not None:
+        visit = visit & (start_n[None, :] < hi[:, None])
+    return visit
+
+
+def tile_visits(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
+                causal: bool, skip_block: int = SKIP_BLOCK) -> torch.Tensor:
+    """``[B, Hb, ceil(Tq / block_m), ceil(Tk / block_n)]`` bool: does query tile ``m`` visit key tile ``n``?
+
+    Yes iff the key tile's smallest rank (from ``block_min``, ``block_n`` a multiple of ``skip_block``) is at
+    most the query tile's largest cutoff and (causal) the key tile starts at or before the diagonal of the
+    query tile's last row. Every (row, key) pair that is kept lies in a visited tile pair."""
+    return _visit(*_tile_bounds(cutoff, block_min, Tk, block_m, block_n, causal, skip_block))
+
+
+def compact(visit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``visit [..., n]`` bool -> ``(count [...], index [..., n])`` int32 contiguous: the positions of the
+    True entries in ascending order first (the rest of each row is padding, never read)."""
+    n = visit.shape[-1]
+    pos = torch.arange(n, dtype=torch.int32, device=visit.device).expand_as(visit)
+    index = torch.where(visit, pos, n).sort(-1).values.to(torch.int32)
+    return visit.sum(-1, dtype=torch.int32).contiguous(), index.contiguous()
+
+
+def visit_lists(cutoff: torch.Tensor, block_min: torch.Tensor, Tk: int, block_m: int, block_n: int,
+                causal: bool, by: str = "query", chunk_elems: int = CHUNK_ELEMS
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The compacted :func:`tile_visits`: ``by="query"``: per query tile its key tiles (``count [B, Hb, nm]``,
+    ``index [B, Hb, nm, nn]``); ``by="key"``: per key tile its query tiles (``[B, Hb, nn]``,
+    ``[B, Hb, nn, nm]``). Indices ascend. Built over chunks of tiles (``chunk_elems`` visit-matrix entries
+    each), so the transient memory beyond the lists is ``O(chunk)``."""
+    if by not in ("query", "key"):
+        raise ValueError(f"by: expected 'query' or 'key', got {by!r}")
+    max_cut, hi, tile_min, start_n = _tile_bounds(cutoff, block_min, Tk, block_m, block_n, causal, SKIP_BLOCK)
+    B, Hb, nm = max_cut.shape
+    nn = tile_min.shape[-1]
+    rows, width = (nm, nn) if by == "query" else (nn, nm)
+    count = torch.empty(B, Hb, rows, dtype=torch.int32, device=cutoff.device)
+    index = torch.empty(B, Hb, rows, width, dtype=torch.int32, device=cutoff.device)
+    step = max(1, chunk_elems // max(B * Hb * width, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if by == "query":
+            visit = _visit(max_cut[:, :, r0:r1], None if hi is None else hi[r0:r1], tile_min, start_n)
+        else:
+            visit = _visit(max_cut, hi, tile_min[:, :, r0:r1], start_n[r0:r1]).transpose(-1, -2)
+        count[:, :, r0:r1], index[:, :, r0:r1] = compact(visit)
+    return count, index
 
 
 def dma_select(bias: torch.Tensor, keep_window: int, Tq: int, causal: bool,

@@ -3,9 +3,10 @@
 Selection (:mod:`attnzoo.ops.dma.selection`, PyTorch): one ranking of the keys per (batch, bias head) by
 (bias desc, position desc), and per query row the rank cutoff of its ``keep_window``-th visible key,
 computed over chunks of rows (memory ``O(chunk * Tk)``). The kernels (:mod:`attnzoo.ops.dma.triton_dma`)
-keep key ``j`` for row ``i`` iff ``rank[j] <= cutoff[i]`` (plus causal), evaluated in registers, and skip
-every key tile whose smallest rank exceeds the query tile's largest cutoff, so their cost follows
-``keep_window``, not ``Tk``.
+keep key ``j`` for row ``i`` iff ``rank[j] <= cutoff[i]`` (plus causal), evaluated in registers, and walk
+visit lists built before launch -- per query tile only the key tiles whose smallest rank is within the tile's
+largest cutoff (per key tile the matching query tiles, for dK/dV) -- so their cost follows ``keep_window``,
+not ``Tk``, and their tile loads pipeline.
 
 Imported at package import: no triton import at module level.
 """

@@ -1,24 +1,39 @@
 """Triton kernels of Dynamic Mask Attention (SPEC §5) that never build a ``Tq x Tk`` mask, and their custom ops.
 
-Inputs from :mod:`attnzoo.ops.dma.selection`: ``rank [B, Hb, Tk]`` (padded keys ``PAD_RANK``),
-``cutoff [B, Hb, Tq]`` and ``block_min [B, Hb, ceil(Tk/16)]``. Row ``i`` keeps key ``j`` iff
-``rank[j] <= cutoff[i]`` and (causal) ``j <= i + Tk - Tq``; the kernels evaluate that in registers from a
-rank vector of the key tile and a cutoff vector of the query tile. Scores are ``scale q.k + bias[j]``.
+Selection (:mod:`attnzoo.ops.dma.selection`, PyTorch, before launch): ``rank [B, Hb, Tk]`` (padded keys
+``PAD_RANK``), ``cutoff [B, Hb, Tq]`` and ``block_min [B, Hb, ceil(Tk/16)]``. Row ``i`` keeps key ``j`` iff
+``rank[j] <= cutoff[i]`` and (causal) ``j <= i + Tk - Tq``; the kernels evaluate that in registers from the
+key tile's ranks and the query tile's cutoffs. Scores are ``scale q.k + bias[j]`` (log2 domain).
 
-* forward: one program per (query tile, batch, query head), FlashAttention-2 online softmax over key tiles
-  of the causal band; a key tile is skipped (K/V never loaded) when its smallest rank exceeds the query
-  tile's largest cutoff.
-* dQ: same loop and skip. dK/dV/dbias: one program per (key tile, batch, kv head), looping over the G query
-  heads and the query tiles of the causal band, skipping query tiles whose largest cutoff is below the key
-  tile's smallest rank. dbias per key = sum over rows of dS, accumulated in registers, written per query
-  head into an fp32 ``[B, H, Tk]`` buffer that the host sums to the bias' heads.
+Visit lists (``selection.visit_lists``, built per launch for the kernel's tiles): per (batch, selection head,
+query tile) the ascending key tiles it must visit -- the key tile's smallest rank is at most the query
+tile's largest cutoff, and (causal) it starts inside the band of the tile's last row -- and, for dK/dV, per
+key tile the query tiles that visit it. A tile pair off the list holds no kept (row, key) pair. Every loop
+below is ``for i in range(count): t = list[i]`` with no branch around its loads, so Triton's software
+pipeliner streams them (16-byte ``cp.async`` into shared memory, ``num_stages`` deep; the list entry is
+fetched a stage ahead of the tile it names). Two padded side tables keep the per-tile vectors to one
+unmasked, aligned load each: the key table ``[B, Hb, Tk_pad, 2]`` fp32 (rank bits, bias) and, for the
+backward, the row table ``[B, H, Tq_pad, 4]`` fp32 (lse, delta, cutoff bits, 0).
 
-So the work per query tile follows the number of key tiles that hold a kept key (about
-``keep_window / BLOCK_N`` plus scatter), not ``Tk``. Keys that no row of the tile keeps (padded keys among
-them) are never loaded, so NaN/inf in their K/V slots stays out (SPEC §0.3). Head dims are constexprs
-(128-bit tile loads); the skipped-tile test guards every K/V load, so these loops are not cp.async-pipelined
-(a visit list built before the loop would allow it). The softmax arithmetic comes from
-``attention/triton_common_jit``. Imports triton: import lazily.
+* forward: one program per (query tile, batch, query head). Registers: the Q tile, the row cutoffs and
+  their max, the fp32 accumulator ``[BLOCK_M, Dv]`` and the running max/sum. Per listed key tile: K^T and V
+  tiles (shared memory, pipelined), the tile's ranks and biases; FlashAttention-2 online softmax step.
+* dQ: the same walk; Q, dO, lse, delta, cutoffs and the fp32 dQ accumulator in registers.
+* dK/dV/dbias: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in
+  registers; for each of the G query heads of the group, its key-tile ranks/biases, then its listed query
+  tiles (Q, dO and the row-table entries pipelined). dbias per key = sum over rows of dS, accumulated in
+  registers, written per query head into an fp32 ``[B, H, Tk]`` buffer that the host sums to the bias' heads.
+
+What is skipped and why: tile pairs off the lists are never visited (their K/V, Q/dO never loaded), so the
+work per query tile follows the number of key tiles that hold a kept key (about ``keep_window / BLOCK_N``
+plus the causal diagonal and scatter), not ``Tk``; building the lists is tile-level work
+(``O(Tq/BLOCK_M * Tk/BLOCK_N)`` per head, in chunks). Inside a visited tile, K/V rows of keys that no row of
+the query tile keeps (padded keys among them) are masked out of the loads (zero-filled, never read), so
+NaN/inf in their slots stays out (SPEC §0.3); the dK/dV program leaves padded keys' K/V unread. Head dims
+are constexprs (128-bit tile loads). Checked offline for sm_90 by ``tools/cross_compile.py --gate --families
+dma`` (Triton 3.9 and 3.6): 128-bit tile loads, cp.async in every tile loop, no spill. Tiles are fixed per
+kind and head dim (:func:`_blocks`, not autotuned): the lists depend on them. The softmax arithmetic comes
+from ``attention/triton_common_jit``. Imports triton: import lazily.
 """
 
 from __future__ import annotations
@@ -34,10 +49,10 @@ from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.attention.triton_common_jit import (
     LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, softmax_finish, softmax_step,
 )
-from attnzoo.ops.dma.selection import PAD_RANK, SKIP_BLOCK
+from attnzoo.ops.dma.selection import PAD_RANK, visit_lists
 from attnzoo.ops.validate import default_scale
 
-_NO_SPEC = ["H", "G", "HB_DIV", "Tq", "Tk", "NBLK"]
+_NO_SPEC = ["H", "G", "HB_DIV", "Tq", "Tk", "NM", "NN"]
 _PAD_RANK = tl.constexpr(PAD_RANK)
 
 
@@ -52,17 +67,21 @@ def _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _tile_min_rank(BMin, start_n, NBLK, BLOCK_N: tl.constexpr, SKIP: tl.constexpr):
-    idx = start_n // SKIP + tl.arange(0, BLOCK_N // SKIP)
-    return tl.min(tl.load(BMin + idx, mask=idx < NBLK, other=_PAD_RANK), 0)
+def _keep_t(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL: tl.constexpr):
+    """:func:`_keep` transposed, ``[N, M]``, built in that orientation (the dK/dV tiles): the key tile's ranks
+    and biases then share one register layout."""
+    keep = (rk[:, None] <= cut[None, :]) & (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
+    if CAUSAL:
+        keep = keep & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
+    return keep
 
 
 @triton.jit
 def _query_tile(Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     """Prologue of a query-tile program (grid ``(query tile, B * H)``): its query head ``h``, kv head
-    ``hkv``, bias/selection head ``hb``, first row ``start_m``, int64 batch ``b64``, the row / head-dim
-    offsets, the int64 rows and row mask, and the loaded ``q`` tile ``[BLOCK_M, BLOCK_D]``."""
+    ``hkv``, bias/selection row ``sel`` (int64), first row ``start_m``, int64 batch ``b64``, the row /
+    head-dim offsets, the int64 rows and row mask, and the loaded ``q`` tile ``[BLOCK_M, BLOCK_D]``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -71,6 +90,7 @@ def _query_tile(Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D,
     hb = h // HB_DIV
     start_m = pid_m * BLOCK_M
     b64 = b.to(tl.int64)
+    sel = b64 * (H // HB_DIV) + hb
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -78,66 +98,76 @@ def _query_tile(Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D,
     row_ok = offs_m < Tq
     q = tl.load(Q + b64 * sqb + h * sqh + rows_q[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    return h, hkv, hb, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q
+    return h, hkv, sel, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q
 
 
 @triton.jit
-def _key_walk(K, V, Bias, Rank, Cut, BMin, skb, skh, svb, svh, sbb, sbh,
-              b64, hkv, hb, start_m, offs_m, row_ok, H, HB_DIV, Tq, Tk, NBLK,
-              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """What a query-tile program needs to walk its key tiles: the rows' cutoffs and their max, the base
-    pointers of the selection's ranks and block minima, of this kv head's K and V and of the bias row, and
-    ``hi``, the end of the key range (the causal band's end with CAUSAL)."""
-    sel = (b64 * (H // HB_DIV) + hb)
-    cut = tl.load(Cut + sel * Tq + offs_m, mask=row_ok, other=-1)
-    max_cut = tl.max(cut, 0)
-    rank_base = Rank + sel * Tk
-    bmin_base = BMin + sel * NBLK
-    k_base = K + b64 * skb + hkv * skh
-    v_base = V + b64 * svb + hkv * svh
-    bias_base = Bias + b64 * sbb + hb * sbh
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(tl.minimum(start_m + BLOCK_M, Tq) + Tk - Tq, Tk)
-    return cut, max_cut, rank_base, bmin_base, k_base, v_base, bias_base, hi
+def _key_record(keys, start_n, BLOCK_N: tl.constexpr):
+    """Rank (int32) and bias (fp32) of keys ``[start_n, start_n + BLOCK_N)`` from a row of the padded key
+    table (``[Tk_pad, 2]`` fp32, rank bit-cast): one unmasked load of ``2 * BLOCK_N`` contiguous words
+    (padded keys hold rank PAD_RANK and bias 0)."""
+    rec = tl.load(keys + (2 * start_n + tl.arange(0, 2 * BLOCK_N))).reshape(BLOCK_N, 2)
+    rk_f, bv = tl.split(rec)
+    return rk_f.to(tl.int32, bitcast=True), bv
+
+
+@triton.jit
+def _row_record(rows, start_m, BLOCK_M: tl.constexpr):
+    """The backward's per-row values of rows ``[start_m, start_m + BLOCK_M)`` from a row of the padded row
+    table (``[Tq_pad, 4]`` fp32: lse, delta, cutoff bits, 0): one unmasked load of ``4 * BLOCK_M`` words
+    (padded rows: lse 0, delta 0, cutoff -1). Returns (lse, delta, cutoff)."""
+    rec = tl.load(rows + (4 * start_m + tl.arange(0, 4 * BLOCK_M))).reshape(BLOCK_M, 2, 2)
+    even, odd = tl.split(rec)  # (lse, cut), (delta, 0)
+    lse, cut_f = tl.split(even)
+    delta, _zero = tl.split(odd)
+    return lse, delta, cut_f.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _key_tile(keys, vis_base, i, BLOCK_N: tl.constexpr):
+    """The ``i``-th key tile of a visit list: its first key, key offsets, ranks and biases."""
+    start_n = tl.multiple_of(tl.load(vis_base + i) * BLOCK_N, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rk, bv = _key_record(keys, start_n, BLOCK_N)
+    return start_n, offs_n, rk, bv
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dma_fwd_kernel(
-    Q, K, V, O, LSE, Bias, Rank, Cut, BMin,
-    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod,
-    sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2,
+    Q, K, V, O, LSE, Keys, Cut, VisN, VisIdx,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, s_keys,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NM, NN, scale_log2,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    h, hkv, hb, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q = _query_tile(
+    h, hkv, sel, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q = _query_tile(
         Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D, BLOCK_D, BLOCK_DV, BLOCK_M)
-    cut, max_cut, rank_base, bmin_base, k_base, v_base, bias_base, hi = _key_walk(
-        K, V, Bias, Rank, Cut, BMin, skb, skh, svb, svh, sbb, sbh,
-        b64, hkv, hb, start_m, offs_m, row_ok, H, HB_DIV, Tq, Tk, NBLK, CAUSAL, BLOCK_M)
+    cut = tl.load(Cut + sel * Tq + offs_m, mask=row_ok, other=-1)
+    max_cut = tl.max(cut, 0)
+    keys = Keys + sel * s_keys
+    k_base = K + b64 * skb + hkv * skh
+    v_base = V + b64 * svb + hkv * svh
+    row = sel * NM + tl.program_id(0)
+    n_vis = tl.load(VisN + row)
+    vis_base = VisIdx + row * NN
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        if _tile_min_rank(bmin_base, start_n, NBLK, BLOCK_N, SKIP) <= max_cut:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < Tk
-            rows_k = offs_n.to(tl.int64)
-            rk = tl.load(rank_base + offs_n, mask=col_ok, other=_PAD_RANK)
-            # keys no row of this tile keeps (padded keys among them) are never read: NaN/inf there stays out
-            kv_ok = rk <= max_cut
-            kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
-                         mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-            v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
-                        mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
-            bv = tl.load(bias_base + offs_n * sbn, mask=col_ok, other=0.0).to(tl.float32)
-            s += bv[None, :] * LOG2E_C
-            keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
-            s = tl.where(keep, s, float("-inf"))
-            acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC, False)
+    for i in range(0, n_vis):  # the key tiles this query tile keeps a key of: no branch, the loads pipeline
+        start_n, offs_n, rk, bv = _key_tile(keys, vis_base, i, BLOCK_N)
+        rows_k = offs_n.to(tl.int64)
+        # keys no row of this tile keeps (padded keys among them) are never read: NaN/inf there stays out
+        kv_ok = rk <= max_cut
+        kt = tl.load(k_base + rows_k[None, :] * skt + offs_d[:, None] * skd,
+                     mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        v = tl.load(v_base + rows_k[:, None] * svt + offs_dv[None, :] * svd,
+                    mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+        s += bv[None, :] * LOG2E_C
+        keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
+        s = tl.where(keep, s, float("-inf"))
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PREC, False)
     o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
     tl.store(O + b64 * sob + h * soh + rows_q[:, None] * sot + offs_dv[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -146,40 +176,39 @@ def _dma_fwd_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dma_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, Bias, Rank, Cut, BMin,
+    Q, K, V, DO, Rows, DQ, Keys, VisN, VisIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
-    sdqb, sdqt, sdqh, sdqd, sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2, scale,
+    sdqb, sdqt, sdqh, sdqd, s_keys, s_rows,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NM, NN, scale_log2, scale,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    h, hkv, hb, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q = _query_tile(
+    h, hkv, sel, start_m, b64, offs_m, offs_d, offs_dv, rows_q, row_ok, q = _query_tile(
         Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D, BLOCK_D, BLOCK_DV, BLOCK_M)
     do = tl.load(DO + b64 * sdob + h * sdoh + rows_q[:, None] * sdot + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + (b64 * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + (b64 * H + h) * Tq + offs_m, mask=row_ok, other=0.0)
+    lse, delta, cut = _row_record(Rows + (b64 * H + h) * s_rows, start_m, BLOCK_M)
     lse2 = lse_log2(lse)
-    cut, max_cut, rank_base, bmin_base, k_base, v_base, bias_base, hi = _key_walk(
-        K, V, Bias, Rank, Cut, BMin, skb, skh, svb, svh, sbb, sbh,
-        b64, hkv, hb, start_m, offs_m, row_ok, H, HB_DIV, Tq, Tk, NBLK, CAUSAL, BLOCK_M)
+    max_cut = tl.max(cut, 0)
+    keys = Keys + sel * s_keys
+    k_base = K + b64 * skb + hkv * skh
+    v_base = V + b64 * svb + hkv * svh
+    row = sel * NM + tl.program_id(0)
+    n_vis = tl.load(VisN + row)
+    vis_base = VisIdx + row * NN
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        if _tile_min_rank(bmin_base, start_n, NBLK, BLOCK_N, SKIP) <= max_cut:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < Tk
-            rows_k = offs_n.to(tl.int64)
-            rk = tl.load(rank_base + offs_n, mask=col_ok, other=_PAD_RANK)
-            kv_ok = rk <= max_cut  # as in the forward: unkept (e.g. padded) keys are never read
-            k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd,
-                        mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd,
-                         mask=kv_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            bv = tl.load(bias_base + offs_n * sbn, mask=col_ok, other=0.0).to(tl.float32)
-            s += bv[None, :] * LOG2E_C
-            keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
-            dq, _ds = dq_step(dq, do, k, vt, s, keep, lse2, lse2, delta, DOT_PREC, True, False)
+    for i in range(0, n_vis):
+        start_n, offs_n, rk, bv = _key_tile(keys, vis_base, i, BLOCK_N)
+        rows_k = offs_n.to(tl.int64)
+        kv_ok = rk <= max_cut  # as in the forward: unkept (e.g. padded) keys are never read
+        k = tl.load(k_base + rows_k[:, None] * skt + offs_d[None, :] * skd,
+                    mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vt = tl.load(v_base + rows_k[None, :] * svt + offs_dv[:, None] * svd,
+                     mask=kv_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        s += bv[None, :] * LOG2E_C
+        keep = _keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
+        dq, _ds = dq_step(dq, do, k, vt, s, keep, lse2, lse2, delta, DOT_PREC, True, False)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h * sdqh + rows_q[:, None] * sdqt + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -187,27 +216,28 @@ def _dma_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dma_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVo, DB, Bias, Rank, Cut,
+    Q, K, V, DO, Rows, DK, DVo, DB, Keys, VisN, VisIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
-    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sbb, sbh, sbn,
-    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NBLK, scale_log2, scale,
+    sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, s_keys, s_rows,
+    H, G, HB_DIV, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, NM, NN, scale_log2, scale,
     CAUSAL: tl.constexpr, NEED_DB: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Hkv = H // G
+    Hb = H // HB_DIV
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
     b64 = b.to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     rows_k = offs_n.to(tl.int64)
     col_ok = offs_n < Tk
     # padded keys (rank PAD_RANK in every head) are never read: their K/V slots may hold NaN/inf
-    rk0 = tl.load(Rank + (b64 * (H // HB_DIV) + (hkv * G) // HB_DIV) * Tk + offs_n, mask=col_ok, other=_PAD_RANK)
+    rk0, _bv0 = _key_record(Keys + (b64 * Hb + (hkv * G) // HB_DIV) * s_keys, start_n, BLOCK_N)
     kv_ok = rk0 != _PAD_RANK
     k = tl.load(K + b64 * skb + hkv * skh + rows_k[:, None] * skt + offs_d[None, :] * skd,
                 mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -215,40 +245,34 @@ def _dma_bwd_dkdv_kernel(
                 mask=kv_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    lo = Tq * 0
-    if CAUSAL:
-        lo = tl.maximum(start_n - (Tk - Tq), 0)
-    lo = (lo // BLOCK_M) * BLOCK_M
     for g in range(0, G):
         h = hkv * G + g
-        hb = h // HB_DIV
-        sel = (b64 * (H // HB_DIV) + hb)
-        rk = tl.load(Rank + sel * Tk + offs_n, mask=col_ok, other=_PAD_RANK)
-        min_rank = tl.min(rk, 0)
-        bv = tl.load(Bias + b64 * sbb + hb * sbh + offs_n * sbn, mask=col_ok, other=0.0).to(tl.float32)
+        sel = b64 * Hb + h // HB_DIV
+        rk, bv = _key_record(Keys + sel * s_keys, start_n, BLOCK_N)
         q_base = Q + b64 * sqb + h * sqh
         do_base = DO + b64 * sdob + h * sdoh
-        row_base = (b64 * H + h) * Tq
+        rows_base = Rows + (b64 * H + h) * s_rows
+        vis = sel * NN + pid_n
+        n_vis = tl.load(VisN + vis)
+        vis_base = VisIdx + vis * NM
         db_row = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(lo, Tq, BLOCK_M):
+        for i in range(0, n_vis):  # the query tiles that keep a key of this tile: no branch, loads pipeline
+            start_m = tl.multiple_of(tl.load(vis_base + i) * BLOCK_M, BLOCK_M)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < Tq
-            cut = tl.load(Cut + sel * Tq + offs_m, mask=row_ok, other=-1)
-            if tl.max(cut, 0) >= min_rank:
-                rows = offs_m.to(tl.int64)
-                q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd,
-                            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
-                             mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-                st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
-                st += bv[:, None] * LOG2E_C
-                keep = tl.trans(_keep(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL))
-                lse2 = lse_log2(lse)
-                dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
-                if NEED_DB:
-                    db_row += tl.sum(dst, 1)
+            lse, delta, cut = _row_record(rows_base, start_m, BLOCK_M)
+            rows = offs_m.to(tl.int64)
+            q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
+            st += bv[:, None] * LOG2E_C
+            keep = _keep_t(offs_m, offs_n, cut, rk, Tq, Tk, CAUSAL)
+            lse2 = lse_log2(lse)
+            dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
+            if NEED_DB:
+                db_row += tl.sum(dst, 1)
         if NEED_DB:
             tl.store(DB + (b64 * H + h) * Tk + offs_n, db_row, mask=col_ok)
     dk = dk * scale
@@ -260,28 +284,60 @@ def _dma_bwd_dkdv_kernel(
 
 def _blocks(kind: str, head_dim: int):
     """(BLOCK_M, BLOCK_N, num_warps): small fixed tiles under the interpreter (tests cross tile edges);
-    fixed (not autotuned, not yet benchmarked) tiles on a GPU, smaller for wide heads. BLOCK_N must be a
-    multiple of SKIP_BLOCK."""
+    fixed (not autotuned, not yet benchmarked) tiles on a GPU, smaller for wide heads. Both divide
+    ``KEY_PAD`` (the side tables' padding); BLOCK_N is a multiple of ``SKIP_BLOCK`` (the block minima)."""
     if TC.interpreter():
         return 16, 16, 1
     if TC.head_block(head_dim) >= 256:
         return 32, 32, 4
-    if kind == "dkdv":  # two [BLOCK_N, head] fp32 accumulators: at head dim 128, 8 warps and 32 keys spill
-        # nothing at sm_90 on Triton 3.6 and 3.9 (4 warps spilled 56-64 B; 64 keys, 8 warps 240 B on 3.6)
-        return (32, 32, 8) if TC.head_block(head_dim) >= 128 else (32, 64, 4)
+    if kind == "dkdv":  # two [BLOCK_N, head] fp32 accumulators: at head dim 128, 64 keys with 8 warps
+        # (wgmma) spill nothing at sm_90 on Triton 3.6 and 3.9 since the loops walk visit lists (with the
+        # branch-guarded loops, 64 keys spilled 240 B on 3.6 and the fallback was 32 keys on mma.sync)
+        return (32, 64, 8) if TC.head_block(head_dim) >= 128 else (32, 64, 4)
     return 64, 64, 4
 
 
-def _common(q, k, v, bias, scale, causal):
+KEY_PAD = 128  # key / row tables are padded to a multiple of this (every BLOCK_M and BLOCK_N divides it)
+
+
+def key_table(rank: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``[B, Hb, Tk_pad, 2]`` fp32: per key its rank (int32 bits) and its bias as fp32, keys padded to a
+    multiple of ``KEY_PAD`` with rank ``PAD_RANK`` and bias 0 -- so a kernel reads a key tile's ranks and
+    biases with one unmasked, aligned load."""
+    B, Hb, Tk = rank.shape
+    tk_pad = max(KEY_PAD, -(-Tk // KEY_PAD) * KEY_PAD)
+    t = torch.zeros(B, Hb, tk_pad, 2, dtype=torch.float32, device=rank.device)
+    t[..., 0] = torch.full((), PAD_RANK, dtype=torch.int32, device=rank.device).view(torch.float32)
+    t[:, :, :Tk, 0] = rank.to(torch.int32).view(torch.float32)
+    t[:, :, :Tk, 1] = bias.detach().float()
+    return t
+
+
+def row_table(lse: torch.Tensor, delta: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Tq_pad, 4]`` fp32: per query row of each head its lse, delta and cutoff (int32 bits; of its
+    selection head), then 0; rows padded to a multiple of ``KEY_PAD`` with lse 0, delta 0, cutoff -1 -- so
+    the backward reads a query tile's row values with one unmasked, aligned load."""
+    B, H, Tq = lse.shape
+    Hb = cutoff.shape[1]
+    tq_pad = max(KEY_PAD, -(-Tq // KEY_PAD) * KEY_PAD)
+    t = torch.zeros(B, H, tq_pad, 4, dtype=torch.float32, device=lse.device)
+    t[..., 2] = torch.full((), -1, dtype=torch.int32, device=lse.device).view(torch.float32)
+    t[:, :, :Tq, 0] = lse
+    t[:, :, :Tq, 1] = delta
+    cut = cutoff.to(torch.int32)[:, :, None, :].expand(B, Hb, H // Hb, Tq).reshape(B, H, Tq)
+    t[:, :, :Tq, 2] = cut.contiguous().view(torch.float32)
+    return t
+
+
+def _common(q, k, v, keys, scale, causal):
     B, Tq, H, D = q.shape
     Tk, Hkv, DV = k.shape[1], k.shape[2], v.shape[-1]
-    Hb = bias.shape[1]
+    Hb = keys.shape[1]
     return dict(
         sqb=q.stride(0), sqt=q.stride(1), sqh=q.stride(2), sqd=q.stride(3),
         skb=k.stride(0), skt=k.stride(1), skh=k.stride(2), skd=k.stride(3),
-        svb=v.stride(0), svt=v.stride(1), svh=v.stride(2), svd=v.stride(3),
-        sbb=bias.stride(0), sbh=bias.stride(1), sbn=bias.stride(2),
-        H=H, G=H // Hkv, HB_DIV=H // Hb, Tq=Tq, Tk=Tk, D=D, DV=DV, NBLK=triton.cdiv(Tk, SKIP_BLOCK),
+        svb=v.stride(0), svt=v.stride(1), svh=v.stride(2), svd=v.stride(3), s_keys=keys.stride(1),
+        H=H, G=H // Hkv, HB_DIV=H // Hb, Tq=Tq, Tk=Tk, D=D, DV=DV,
         scale_log2=scale * TC.LOG2E, CAUSAL=bool(causal), DOT_PREC=F.dot_precision(q.dtype),
         BLOCK_D=TC.head_block(D), BLOCK_DV=TC.head_block(DV),
     ), (B, Tq, H, Tk, Hkv)
@@ -291,7 +347,8 @@ def _common(q, k, v, bias, scale, causal):
 def dma_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, rank: torch.Tensor,
             cutoff: torch.Tensor, block_min: torch.Tensor, scale: float, causal: bool
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    a, (B, Tq, H, Tk, Hkv) = _common(q, k, v, bias, scale, causal)
+    keys = key_table(rank, bias)
+    a, (B, Tq, H, Tk, Hkv) = _common(q, k, v, keys, scale, causal)
     o = TC.new_output(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = TC.new_output((B, H, Tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0 or Tq == 0:
@@ -299,10 +356,11 @@ def dma_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     if Tk == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     bm, bn, w = _blocks("fwd", max(q.shape[-1], v.shape[-1]))
+    vis_n, vis_idx = visit_lists(cutoff, block_min, Tk, bm, bn, causal, by="query")
     _dma_fwd_kernel[(triton.cdiv(Tq, bm), B * H)](
-        q, k, v, o, lse, bias, rank, cutoff, block_min, **a,
+        q, k, v, o, lse, keys, cutoff, vis_n, vis_idx, **a,
         sob=o.stride(0), sot=o.stride(1), soh=o.stride(2), sod=o.stride(3),
-        BLOCK_M=bm, BLOCK_N=bn, SKIP=SKIP_BLOCK, num_warps=w)
+        NM=vis_idx.shape[-2], NN=vis_idx.shape[-1], BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
     return o, lse
 
 
@@ -317,7 +375,8 @@ def dma_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             lse: torch.Tensor, bias: torch.Tensor, rank: torch.Tensor, cutoff: torch.Tensor,
             block_min: torch.Tensor, scale: float, causal: bool, need_dbias: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    a, (B, Tq, H, Tk, Hkv) = _common(q, k, v, bias, scale, causal)
+    keys = key_table(rank, bias)
+    a, (B, Tq, H, Tk, Hkv) = _common(q, k, v, keys, scale, causal)
     a["scale"] = scale
     dq = TC.new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = TC.new_output(k.shape, dtype=k.dtype, device=k.device)
@@ -327,19 +386,23 @@ def dma_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dq.zero_(), dk.zero_(), dv.zero_()
     else:
         do = do.contiguous() if do.stride(-1) != 1 else do
-        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Tq]
-        lse = lse.contiguous()
+        delta = (do.float() * o.float()).sum(-1).transpose(1, 2)  # [B, H, Tq]
+        rows = row_table(lse, delta, cutoff)
+        a["s_rows"] = rows.stride(1)
         sd = dict(sdob=do.stride(0), sdot=do.stride(1), sdoh=do.stride(2), sdod=do.stride(3))
         bm, bn, w = _blocks("dq", max(q.shape[-1], v.shape[-1]))
+        vis_n, vis_idx = visit_lists(cutoff, block_min, Tk, bm, bn, causal, by="query")
         _dma_bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](
-            q, k, v, do, lse, delta, dq, bias, rank, cutoff, block_min, **a, **sd,
+            q, k, v, do, rows, dq, keys, vis_n, vis_idx, **a, **sd,
             sdqb=dq.stride(0), sdqt=dq.stride(1), sdqh=dq.stride(2), sdqd=dq.stride(3),
-            BLOCK_M=bm, BLOCK_N=bn, SKIP=SKIP_BLOCK, num_warps=w)
+            NM=vis_idx.shape[-2], NN=vis_idx.shape[-1], BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
         bm, bn, w = _blocks("dkdv", max(q.shape[-1], v.shape[-1]))
+        vis_n, vis_idx = visit_lists(cutoff, block_min, Tk, bm, bn, causal, by="key")
         _dma_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, db, bias, rank, cutoff, **a, **sd,
+            q, k, v, do, rows, dk, dv, db, keys, vis_n, vis_idx, **a, **sd,
             sdkb=dk.stride(0), sdkt=dk.stride(1), sdkh=dk.stride(2), sdkd=dk.stride(3),
             sdvb=dv.stride(0), sdvt=dv.stride(1), sdvh=dv.stride(2), sdvd=dv.stride(3),
+            NM=vis_idx.shape[-1], NN=vis_idx.shape[-2],
             NEED_DB=bool(need_dbias), BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
     Hb = bias.shape[1]
     if need_dbias:
