@@ -6,9 +6,11 @@ and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
 
 Forward: one program per packed row tile of BLOCK_M rows. The program finds its ``(b, h)`` by binary
 search in ``tile_offsets``, gathers its Q rows (invalid rows get position ``Tq`` and are masked), and
-streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]`` (rows are sorted, so the
-tile's last row bounds the causal loop); key tiles inside the band of every valid row of the tile
-(``_interior_range``) run without bounds/band tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered
+streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]``. Rows are sorted, so
+``min_pos``/``max_pos`` are two scalar loads (the tile's first and last valid rows), not reductions over the
+gathered positions: loop bounds derived from a ``tl.min``/``tl.max`` left Triton (3.9) without alignment
+facts for the loops' K tiles, which then loaded 16 bits at a time, unpipelined. Key tiles inside the band
+of every valid row of the tile (``_interior_range``) run without bounds/band tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered
 positions standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
 registers). Epilogue: ``O = acc / l * gate``, scattered back to ``[B, T, H]`` (inactive rows are never
 written; the output starts zeroed); the log-sum-exp is stored at the original positions ``[B, H, T]``.
@@ -63,38 +65,46 @@ def _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS: tl.cons
         hi = tl.where(take, hi, mid - 1)
     bh = lo
     tile = pid - tl.load(TileOff + bh)
-    idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = idx < tl.load(Counts + bh)
-    pos = tl.load(Rows + bh.to(tl.int64) * T_rows + idx, mask=valid, other=0)
+    start = tile * BLOCK_M
+    count = tl.load(Counts + bh)
+    idx = start + tl.arange(0, BLOCK_M)
+    valid = idx < count
+    row_base = Rows + bh.to(tl.int64) * T_rows
+    pos = tl.load(row_base + idx, mask=valid, other=0)
     pos = tl.where(valid, pos, Tq)
-    return bh, pos, valid
+    # rows are sorted by position: the tile's first and last valid rows bound its positions (scalar loads)
+    first = tl.load(row_base + start)
+    last = tl.load(row_base + tl.minimum(start + BLOCK_M, count) - 1)
+    return bh, pos, valid, first, last
 
 
 @triton.jit
-def _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+def _key_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` that the causal/window band of a packed tile's rows (positions ``first`` ..
+    ``last``) can reach; ``lo`` on the tile grid."""
     diag = Tk - Tq
     lo = Tk * 0
     hi = Tk
     if HAS_LEFT:
-        lo = tl.maximum(tl.min(tl.where(valid, pos, Tq), 0) + diag - win_left, 0)
+        lo = tl.maximum(first + diag - win_left, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     if HAS_RIGHT:
-        hi = tl.minimum(tl.max(tl.where(valid, pos, 0), 0) + 1 + diag + win_right, Tk)
+        hi = tl.minimum(last + 1 + diag + win_right, Tk)
     return lo, hi
 
 
 @triton.jit
-def _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _interior_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Keys ``[ilo, ihi)`` inside the causal/window band of every valid row of a packed tile (and inside
     ``[0, Tk)``): the interior key tiles, which need no bounds or band test."""
     diag = Tk - Tq
     ilo = Tk * 0
     ihi = Tk
     if HAS_LEFT:
-        ilo = tl.max(tl.where(valid, pos, 0), 0) + diag - win_left
+        ilo = last + diag - win_left
     if HAS_RIGHT:
-        ihi = tl.minimum(tl.min(tl.where(valid, pos, Tq), 0) + diag + win_right + 1, Tk)
+        ihi = tl.minimum(first + diag + win_right + 1, Tk)
     return ilo, ihi
 
 
@@ -134,7 +144,7 @@ def _moh_fwd_kernel(
     pid = tl.program_id(0)
     if pid >= tl.load(TileOff + BH):
         return
-    bh, pos, valid = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
+    bh, pos, valid, first, last = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -148,8 +158,8 @@ def _moh_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    ilo, ihi = _interior_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
     mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):  # boundary tiles (window edge)
         acc, l_i, m_i = _fwd_inner(
@@ -193,7 +203,7 @@ def _moh_bwd_dq_kernel(
     pid = tl.program_id(0)
     if pid >= tl.load(TileOff + BH):
         return
-    bh, pos, valid = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
+    bh, pos, valid, first, last = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -207,8 +217,8 @@ def _moh_bwd_dq_kernel(
     kpm_base = KPM + b64 * skpb
     diag = Tk - Tq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    ilo, ihi = _interior_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
     mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _bwd_q_inner(
