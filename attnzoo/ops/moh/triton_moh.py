@@ -21,9 +21,13 @@ Backward (deterministic, no atomics):
 * dQ: the forward's packed tiles again; gathered Q, ``gate * dO``, lse, delta in registers; key tiles
   stream through the core's ``_bwd_q_inner``; dQ scattered to the active rows (inactive rows stay 0).
 * dK/dV: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in registers;
-  loops over the query heads of the group and, for each, only over its packed active-row tiles that can
-  see this key tile. Inactive rows never enter: cost follows the active fraction. (The per-tile reach
-  test guards the loads, so this loop is not cp.async-pipelined; key-padded K/V rows are never loaded.)
+  loops over the query heads of the group and, for each, only over the packed active rows whose band can
+  reach this key tile. Rows are sorted by position, so those rows are one contiguous run per head, built
+  before launch by :func:`attnzoo.ops.moh.packing.key_tile_row_ranges` (two ``searchsorted`` per key tile,
+  on the device); the loop walks the run in BLOCK_M-row tiles with unconditional loads (no data-dependent
+  ``if`` around them), so Triton pipelines the gathers of the row indices, Q, dO, lse and delta
+  (cp.async). The element test (band, key padding) masks the pairs that see nothing. Inactive rows never
+  enter: cost follows the active fraction. Key-padded K/V rows are never loaded.
 
 Decode (a few new queries, no gradient): :func:`moh_decode` runs the core's split-K decode kernel with the
 gates instead -- one read of each K/V tile per GQA group, split across programs for long caches, and no
@@ -48,6 +52,7 @@ from attnzoo.ops.attention.triton_common_jit import (
     dkdv_step, lse_log2, softmax_finish, split_range, visible as _visible,
 )
 from attnzoo.ops.attention.triton_fwd import _fwd_inner
+from attnzoo.ops.moh.packing import key_tile_row_ranges
 from attnzoo.ops.moh.triton_packing import pack_active_rows_triton
 
 _NO_SPEC = ["H", "G", "Tq", "Tk", "win_left", "win_right", "BH", "T_rows"]
@@ -246,12 +251,12 @@ def _moh_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
+@triton.jit(do_not_specialize=_NO_SPEC + ["n_ktiles"])
 def _moh_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Counts,
+    Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Ranges,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     slb, slh, slt, sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sgb, sgt, sgh, skpb, skpn,
-    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, scale, win_left, win_right,
+    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, n_ktiles, scale_log2, scale, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -282,29 +287,26 @@ def _moh_bwd_dkdv_kernel(
     for g in range(0, G):
         h = hkv * G + g
         bh = b64 * H + h
-        count = tl.load(Counts + bh)
-        for start_m in range(0, count, BLOCK_M):
+        # the packed rows [r_lo, r_hi) of head h whose band reaches this key tile (packing.key_tile_row_ranges)
+        rng = Ranges + (bh * n_ktiles + pid_n) * 2
+        r_lo = tl.load(rng)
+        r_hi = tl.load(rng + 1)
+        row_base = Rows + bh * T_rows
+        # from a multiple of BLOCK_M (aligned row-index loads); the rows before r_lo see nothing of this
+        # tile and are masked by the band test like any other invisible pair
+        for start_m in range((r_lo // BLOCK_M) * BLOCK_M, r_hi, BLOCK_M):
             idx = start_m + tl.arange(0, BLOCK_M)
-            valid = idx < count
-            pos = tl.load(Rows + bh * T_rows + idx, mask=valid, other=0)
-            first = tl.min(tl.where(valid, pos, Tq), 0)
-            last = tl.max(tl.where(valid, pos, 0), 0)
-            # does any row of this tile reach this key tile through the causal/window band?
-            reach = True
-            if HAS_RIGHT:
-                reach = reach & (last + diag + win_right >= start_n)
-            if HAS_LEFT:
-                reach = reach & (first + diag - win_left < start_n + BLOCK_N)
-            if reach:
-                pos = tl.where(valid, pos, Tq)
-                rows = pos.to(tl.int64)
-                q, do, lse2, delta = _load_bwd_rows(
-                    Q, DO, LSE, DELTA, Gates, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod,
-                    slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
-                st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
-                keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
-                                K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
-                dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
+            valid = idx < r_hi
+            pos = tl.load(row_base + idx, mask=valid, other=0)
+            pos = tl.where(valid, pos, Tq)
+            rows = pos.to(tl.int64)
+            q, do, lse2, delta = _load_bwd_rows(
+                Q, DO, LSE, DELTA, Gates, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod,
+                slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
+            keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
+                            K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
+            dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -444,8 +446,12 @@ def moh_attention_bwd(
         **a, DQ=dq, TileOff=tile_offsets, BH=B * H, SEARCH_STEPS=math.ceil(math.log2(max(B * H, 2))) + 1,
         **_named("sdq", dq), num_warps=warps, num_stages=stages)
     a["BLOCK_M"], dkdv_warps = _dkdv_tiles(bm, warps, D, v.shape[-1])
+    ranges = key_tile_row_ranges(rows, counts, Tq, Tk, bn, causal=causal, window_left=window_left,
+                                 window_right=window_right)
+    del a["Counts"]
     _moh_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
-        **a, DK=dk, DVo=dv, **_named("sdk", dk), **_named("sdv", dv), num_warps=dkdv_warps, num_stages=stages)
+        **a, DK=dk, DVo=dv, Ranges=ranges, n_ktiles=ranges.shape[2], **_named("sdk", dk), **_named("sdv", dv),
+        num_warps=dkdv_warps, num_stages=stages)
     return dq, dk, dv, dgates
 
 
