@@ -407,7 +407,7 @@ HOT = OrderedDict(
 #: family -> the scenarios (exact names) the gate compiles: the plain feature set at head dims 64 and 128
 GATE_SCENARIOS = OrderedDict(
     attention=tuple(f"{s} D={d}{c}" for d in (64, 128) for s, c in (("attention", " causal"), ("attention", " plain"),
-                                                                     ("decode", ""))),
+                                                                     ("attention", " block mask"), ("decode", ""))),
     lightning=tuple(f"lightning D={d} Dv={d}{s}" for d in (64, 128) for s in ("", " segmented")),
     moh=tuple(f"moh D={d} {c}" for d in (64, 128) for c in ("causal", "non-causal")),
     dma=tuple(f"dma D={d} {c}" for d in (64, 128) for c in ("causal", "non-causal")),

@@ -170,21 +170,21 @@ def _moh_fwd_kernel(
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, False)
     for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles (diagonal, sequence end)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
@@ -229,21 +229,21 @@ def _moh_bwd_dq_kernel(
         dq = _bwd_q_inner(
             dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         dq = _bwd_q_inner(
             dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, False)
     for start_n in range(mid_hi, hi, BLOCK_N):
         dq = _bwd_q_inner(
             dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     dq = dq * scale
