@@ -80,7 +80,8 @@ import triton.language as tl
 
 from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.attention.triton_common_jit import (
-    LOG2E as LOG2E_C, dkdv_step, dq_step, elem_mask, lse_log2, seq_bounds as _seq_bounds, split_range, visible as _visible,
+    LOG2E as LOG2E_C, dkdv_step, dq_step, elem_mask, lse_log2, seq_bounds as _seq_bounds, split_range,
+    visible as _visible,
 )
 from attnzoo.ops.attention.triton_fwd import _NO_SPEC
 
@@ -248,7 +249,8 @@ def _attn_bwd_dkdv_kernel(
                             n_tiles = tl.load(blk_num + row) * (BM_BQ // BLOCK_M)
                             idx_base = blk_idx + row * Nk_bm
                             for j in range(0, n_tiles):
-                                start_m = tl.load(idx_base + j // (BM_BQ // BLOCK_M)) * BM_BQ + (j % (BM_BQ // BLOCK_M)) * BLOCK_M
+                                blk = tl.load(idx_base + j // (BM_BQ // BLOCK_M))
+                                start_m = blk * BM_BQ + (j % (BM_BQ // BLOCK_M)) * BLOCK_M
                                 dk, dv, db_row = _bwd_kv_inner(
                                     dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                     q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,

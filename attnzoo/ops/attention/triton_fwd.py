@@ -58,7 +58,8 @@ from attnzoo.ops.triton_common import (  # noqa: F401  (re-exported: kernel modu
     LN2, LOG2E, fill_nan, head_block, interpreter, length_bucket, new_output, tuning_configs,
 )
 from attnzoo.ops.attention.triton_common_jit import (  # noqa: F401  (_seq_bounds/_visible: older names)
-    LOG2E as LOG2E_C, elem_mask, seq_bounds as _seq_bounds, softmax_finish, softmax_step, split_range, visible as _visible,
+    LOG2E as LOG2E_C, elem_mask, seq_bounds as _seq_bounds, softmax_finish, softmax_step, split_range,
+    visible as _visible,
 )
 
 # Scalar int args that may be 1 must not be specialized into constants (keeps one compiled kernel and

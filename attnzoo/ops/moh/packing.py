@@ -70,7 +70,10 @@ def key_tile_row_ranges(rows: torch.Tensor, counts: torch.Tensor, Tq: int, Tk: i
         def first_at_least(v):  # per (b, h): how many listed positions are < v[n]
             return torch.minimum(torch.searchsorted(srt, v.expand(B, H, n_tiles).contiguous()), cnt)
 
-    lo = first_at_least(starts - diag - right) if has_right else torch.zeros(B, H, n_tiles, dtype=torch.long, device=dev)
+    if has_right:
+        lo = first_at_least(starts - diag - right)
+    else:
+        lo = torch.zeros(B, H, n_tiles, dtype=torch.long, device=dev)
     hi = first_at_least(starts + block_n - diag + max(window_left, 0)) if has_left else cnt.expand(B, H, n_tiles)
     hi = torch.maximum(hi, lo)
     return torch.stack((lo, hi), -1).to(torch.int32).contiguous()

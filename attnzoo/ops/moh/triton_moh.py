@@ -7,11 +7,12 @@ and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
 Forward: one program per packed row tile of BLOCK_M rows. The program finds its ``(b, h)`` by binary
 search in ``tile_offsets``, gathers its Q rows (invalid rows get position ``Tq`` and are masked), and
 streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]``. Rows are sorted, so
-``min_pos``/``max_pos`` are two scalar loads (the tile's first and last valid rows), not reductions over the
-gathered positions: with loop bounds derived from a ``tl.min``/``tl.max``, Triton (3.9) gave the K tiles
-of the interior and diagonal loops a 16-bit-per-thread layout and did not pipeline them (sm_90 PTX). Key tiles inside the band
-of every valid row of the tile (``_interior_range``) run without bounds/band tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered
-positions standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
+``min_pos``/``max_pos`` are two scalar loads (the tile's first and last valid rows), not reductions over
+the gathered positions: with loop bounds derived from a ``tl.min``/``tl.max``, Triton (3.9) gave the K
+tiles of the interior and diagonal loops a 16-bit-per-thread layout and did not pipeline them (sm_90 PTX).
+Key tiles inside the band of every valid row of the tile (``_interior_range``) run without bounds/band
+tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered positions
+standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
 registers). Epilogue: ``O = acc / l * gate``, scattered back to ``[B, T, H]`` (inactive rows are never
 written; the output starts zeroed); the log-sum-exp is stored at the original positions ``[B, H, T]``.
 
