@@ -405,9 +405,10 @@ HOT = OrderedDict(
     knocking=("_kha_mlp_fwd_kernel", "_kha_mlp_bwd_dv_kernel", "_kha_mlp_bwd_dw_kernel"),
 )
 #: family -> the scenarios (exact names) the gate compiles: the plain feature set at head dims 64 and 128
+#: (attention also with a BlockMask: causal 128x128 blocks with a mask_mod, full and partial blocks)
 GATE_SCENARIOS = OrderedDict(
     attention=tuple(f"{s} D={d}{c}" for d in (64, 128) for s, c in (("attention", " causal"), ("attention", " plain"),
-                                                                     ("decode", ""))),
+                                                                     ("attention", " block mask"), ("decode", ""))),
     lightning=tuple(f"lightning D={d} Dv={d}{s}" for d in (64, 128) for s in ("", " segmented")),
     moh=tuple(f"moh D={d} {c}" for d in (64, 128) for c in ("causal", "non-causal")),
     dma=tuple(f"dma D={d} {c}" for d in (64, 128) for c in ("causal", "non-causal")),

@@ -84,7 +84,7 @@ def _dense_mask_as_blocks(kern, mask: torch.Tensor, B: int, H: int, Tq: int, Tk:
             full_kv_indices=bm.full_kv_indices.expand(-1, -1, mq, -1), seq_lengths=(Tq, Tk))
     bm.mask_mod = None  # the element mask is ``mask`` itself: no need to evaluate it back
     (kvn, kvi, fn, fi, _), blocks = kern.F.block_mask_tensors(bm, B, H, Tq, Tk, mask.device)
-    return (kvn, kvi, fn, fi, mask), blocks
+    return (kvn, kvi, fn, fi, kern.F.pad_elem_mask(mask)), blocks
 
 
 def _max_len(cu: torch.Tensor) -> int:

@@ -61,7 +61,9 @@ later attempt). With a bias the scores stay in natural units and P is recomputed
 max and log2 of the row sum (``STATS``), not from the lse, which a -1e9/finfo.min bias rounds to the
 row max (SPEC §0.2). Key-padded K/V rows are never
 loaded (NaN/inf there stays out, SPEC §0.3). With a BlockMask only listed blocks are visited (the dK/dV kernel uses
-the transposed lists, "which query blocks see this key block", built on the host from the kv lists).
+the transposed lists, "which query blocks see this key block", built on the host from the kv lists), as in
+the forward: the lists cut to the causal/window band on the host first (``triton_fwd.band_limited``),
+then walked as one flat loop over (listed block, kernel tile) with unconditional, pipelined loads.
 Masked entries have ``P = 0`` so they contribute nothing; fully masked rows (lse = -inf) get zero
 gradients, never NaN.
 
@@ -78,7 +80,8 @@ import triton.language as tl
 
 from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.attention.triton_common_jit import (
-    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, seq_bounds as _seq_bounds, split_range, visible as _visible,
+    LOG2E as LOG2E_C, dkdv_step, dq_step, elem_mask, lse_log2, seq_bounds as _seq_bounds, split_range,
+    visible as _visible,
 )
 from attnzoo.ops.attention.triton_fwd import _NO_SPEC
 
@@ -102,7 +105,7 @@ def _db_store(ptrs, val, ok, ACCUM: tl.constexpr):
 @triton.jit
 def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                   q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D: tl.constexpr, DV: tl.constexpr,
-                  bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                  bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                   db_base, sdbm, sdbn, qk_scale, sst,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
@@ -146,9 +149,13 @@ def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left,
         st += bv.to(tl.float32)
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
     keep = qi  # unused unless MASKED
-    if MASKED:
+    if BOUNDARY or HAS_MASK or HAS_KPM:
         keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, False, BOUNDARY)
+        if APPLY_EM:
+            keep = keep & elem_mask(em_base, qi, kj, sem, sen, Tq, em_cols)
+    elif APPLY_EM:
+        keep = elem_mask(em_base, qi, kj, sem, sen, Tq, em_cols)
     dk, dv, dst = dkdv_step(dk, dv, q, do, v, st, keep, row_m, row_l, delta, DOT_PREC, MASKED, HAS_BIAS)
     # dst: dS^T = d loss / d (scores incl. bias), [N, M]
     if DB_MODE == 1:  # per-query bias: the tile itself
@@ -163,7 +170,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, STATS, DELTA, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdbb, sdbh, sdbm, sdbn,
-    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen, em_cols,
     H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
     scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
@@ -237,20 +244,21 @@ def _attn_bwd_dkdv_kernel(
                         for part in tl.static_range(0 if HAS_FULL else 1, 2):
                             blk_num = FullNum if part == 0 else KvNum
                             blk_idx = FullIdx if part == 0 else KvIdx
-                            n_blk = tl.load(blk_num + row)
-                            for i in range(0, n_blk):
-                                mb = tl.load(blk_idx + row * Nk_bm + i)
-                                for sub in range(0, BM_BQ // BLOCK_M):
-                                    start_m = mb * BM_BQ + sub * BLOCK_M
-                                    if (start_m < hi) & (start_m + BLOCK_M > lo):
-                                        dk, dv, db_row = _bwd_kv_inner(
-                                            dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                                            q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
-                                            bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                            db_base, sdbm, sdbn, qk_scale, sst,
-                                            HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
-                                            HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
-                                            DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
+                            # one flat loop over (listed block, kernel tile in it), unconditional loads
+                            # (pipelined); the lists were cut to the band on the host (F.band_limited)
+                            n_tiles = tl.load(blk_num + row) * (BM_BQ // BLOCK_M)
+                            idx_base = blk_idx + row * Nk_bm
+                            for j in range(0, n_tiles):
+                                blk = tl.load(idx_base + j // (BM_BQ // BLOCK_M))
+                                start_m = blk * BM_BQ + (j % (BM_BQ // BLOCK_M)) * BLOCK_M
+                                dk, dv, db_row = _bwd_kv_inner(
+                                    dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
+                                    q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                                    bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                                    em_cols, db_base, sdbm, sdbn, qk_scale, sst,
+                                    HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
+                                    HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
+                                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     else:
                         # One loop, every query tile tested: splitting it into boundary/interior loops (as the
                         # forward and dQ do) made ptxas spill 24-770 B/thread in most dK/dV tiles at sm_90
@@ -259,7 +267,7 @@ def _attn_bwd_dkdv_kernel(
                             dk, dv, db_row = _bwd_kv_inner(
                                 dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
                                 q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
-                                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                                 db_base, sdbm, sdbn, qk_scale, sst,
                                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
                                 DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
@@ -276,7 +284,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_q_inner(dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                  k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
-                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                  qk_scale,
                  HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -311,9 +319,13 @@ def _bwd_q_inner(dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, 
         s += bv.to(tl.float32)
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM
     keep = qi  # unused unless MASKED
-    if MASKED:
+    if BOUNDARY or HAS_MASK or HAS_KPM:
         keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, False, BOUNDARY)
+        if APPLY_EM:
+            keep = keep & elem_mask(em_base, qi, kj, sem, sen, Tq, em_cols)
+    elif APPLY_EM:
+        keep = elem_mask(em_base, qi, kj, sem, sen, Tq, em_cols)
     dq, _ds = dq_step(dq, do, k, vt, s, keep, row_m, row_l, delta, DOT_PREC, MASKED, HAS_BIAS)
     return dq
 
@@ -323,7 +335,7 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, STATS, DELTA, DQ, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
     sdqb, sdqt, sdqh, sdqd,
-    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen, em_cols,
     H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
     scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
@@ -383,19 +395,19 @@ def _attn_bwd_dq_kernel(
         for part in tl.static_range(0 if HAS_FULL else 1, 2):
             blk_num = FullNum if part == 0 else KvNum
             blk_idx = FullIdx if part == 0 else KvIdx
-            n_blk = tl.load(blk_num + row)
-            for i in range(0, n_blk):
-                kb = tl.load(blk_idx + row * Nk_bm + i)
-                for sub in range(0, BM_BK // BLOCK_N):
-                    start_n = kb * BM_BK + sub * BLOCK_N
-                    if (start_n < hi) & (start_n + BLOCK_N > lo):
-                        dq = _bwd_q_inner(
-                            dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-                            k_base, v_base, skt, skd, svt, svd, D, DV,
-                            bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            qk_scale,
-                            HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False, HAS_LEFT, HAS_RIGHT,
-                            DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
+            # one flat loop over (listed block, kernel tile in it), unconditional loads (pipelined); the
+            # lists were cut to the band on the host (F.band_limited)
+            n_tiles = tl.load(blk_num + row) * (BM_BK // BLOCK_N)
+            idx_base = blk_idx + row * Nk_bm
+            for j in range(0, n_tiles):
+                start_n = tl.load(idx_base + j // (BM_BK // BLOCK_N)) * BM_BK + (j % (BM_BK // BLOCK_N)) * BLOCK_N
+                dq = _bwd_q_inner(
+                    dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                    k_base, v_base, skt, skd, svt, svd, D, DV,
+                    bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
+                    qk_scale,
+                    HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False, HAS_LEFT, HAS_RIGHT,
+                    DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
         # interior key tiles (as in the forward): no bounds or band test
@@ -410,7 +422,7 @@ def _attn_bwd_dq_kernel(
             dq = _bwd_q_inner(
                 dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
-                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                 qk_scale,
                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
@@ -418,7 +430,7 @@ def _attn_bwd_dq_kernel(
             dq = _bwd_q_inner(
                 dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
-                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                 qk_scale,
                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, False)
@@ -426,7 +438,7 @@ def _attn_bwd_dq_kernel(
             dq = _bwd_q_inner(
                 dq, q, do, row_m, row_l, delta, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
-                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                 qk_scale,
                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
@@ -441,11 +453,12 @@ def _attn_bwd_dq_kernel(
 # accumulators: at head block 128 that needs 8 warps and BLOCK_N <= 64 (64x64 spilled 72-176 B/thread),
 # at 256 BLOCK_M * BLOCK_N <= 1024 (all listed: 0 B); at head block 64, 64x64/4 warps (24 B with a bias),
 # 64x128/8 (16 B), 16x32/4 (8-32 B) and 16x16/4 (8 B) spilled: its 16x16 tile runs on 2 warps. dQ at head
-# block 64: 32x16 spilled 8 B with key padding.
+# block 64: 32x16 spilled 8 B with key padding. With a BlockMask (its element-mask tiles live too) dK/dV's
+# 32x64/8 at head block 128 spilled 72 B: marked NOT_SPARSE, the autotuner is not offered it there.
 _SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
 GPU_DKDV_CONFIGS = F.per_head_block({
     _SM: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 16, 2, 2)],
-    _MID: [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    _MID: [(32, 64, 8, 2, F.NOT_SPARSE), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
 })
 GPU_DQ_CONFIGS = F.per_head_block({
@@ -527,6 +540,7 @@ def attention_bwd(
     """Returns ``(dq, dk, dv, dbias)``; ``dbias`` has the bias' own shape and dtype when ``need_dbias``
     (else it is an empty fp32 tensor). ``delta = rowsum(dO * O) - dlse`` laid out like ``lse`` (fp32);
     ``lse``, ``stats`` and ``masks`` .. ``block_size`` as from / for ``attnzoo::attention_fwd``."""
+    masks = F.band_limited(masks, causal, window, max_seqlen, block_size)
     m = F.unpack_masks(masks)
     varlen = m.cu_seqlens_q is not None
     kv_num_blocks, kv_indices = m.kv_num_blocks, m.kv_indices

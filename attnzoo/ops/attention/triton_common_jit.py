@@ -5,6 +5,7 @@ DMA (:mod:`attnzoo.ops.dma.triton_dma`). Each piece of softmax arithmetic is wri
 - :func:`seq_bounds`: a batch's (first query row, query count, first key row, key count), dense or varlen;
 - :func:`visible`: the keep-mask of a (query, key) tile -- sequence ends, causal/window band, dense mask,
   key padding, BlockMask element mask;
+- :func:`elem_mask`: a BlockMask element-mask tile from a mask padded to 16-key rows (vectorized loads);
 - :func:`softmax_step` / :func:`softmax_finish`: one FlashAttention-2 online-softmax step over a key tile
   (in the log2 domain, ``acc`` rescaled then accumulated in place by ``tl.dot``) and the epilogue
   ``O = acc / l``, ``lse = (m + log2 l) ln 2`` (rows that saw no key: ``O = 0``, ``lse = -inf``);
@@ -88,6 +89,16 @@ def visible(qi, kj, Tq, Tk, diag, win_left, win_right,
         else:
             keep = tl.load(em_base + qi * sem + kj * sen, mask=row_in, other=0) != 0
     return keep
+
+
+@triton.jit
+def elem_mask(em_base, qi, kj, sem, sen, Tq, em_cols):
+    """The BlockMask element mask of a (query, key) tile (broadcastable 2-D index tensors, either
+    orientation), True = keep. The mask's rows are ``em_cols`` wide, padded past ``Tk`` with zeros to a
+    multiple of 16 (``triton_fwd.pad_elem_mask``), so the column bound is constant over 16 keys and the
+    tile loads with 128-bit loads even where it crosses ``Tk`` (keys past ``Tk`` read 0); the caller's
+    bounds test still excludes them."""
+    return tl.load(em_base + qi * sem + kj * sen, mask=(qi < Tq) & (kj < em_cols), other=0) != 0
 
 
 @triton.jit

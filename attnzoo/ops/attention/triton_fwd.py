@@ -22,7 +22,12 @@ a finite bias is arithmetic even at finfo.min, whose log2-domain image would ove
 §0.2). The forward then also stores each row's max and log2 of its sum (``STATS``) for the backward. With a BlockMask the program
 walks only the key blocks listed for its (batch, head, query block) -- full blocks without the element
 mask, partial ones with it -- so unlisted key blocks are never loaded. Kernel tiles must divide the
-BlockMask's blocks (checked by the backend's ``supports``).
+BlockMask's blocks (checked by the backend's ``supports``). Each list is walked as one flat loop over
+(listed block, kernel tile inside it) whose K/V loads are unconditional, so they pipeline like the dense
+loops' (cp.async): before launch the lists are cut to the causal/window band on the host
+(:func:`band_limited`), so no per-tile band test guards the loads; the kernel tiles of a listed block that
+the band cuts are masked by the element test like any boundary tile (every BlockMask tile runs with the
+bounds/band test).
 
 Layout BTHD with all strides passed (non-contiguous inputs work, broadcast bias/mask dims have stride 0);
 varlen adds ``cu_seqlens`` offsets. Head dims ``D``/``DV`` are compile-time constants, padded to a power of
@@ -34,8 +39,9 @@ Precision: fp16/bf16 dots accumulate in fp32; fp32 inputs use IEEE fp32 dots (``
 no TF32), so fp32 results match an fp32 reference.
 
 Partial BlockMask blocks take their element mask from ``block_mask.mask_mod`` evaluated once, densely, in
-Python before launch (a bool tensor broadcast over the batch/head dims the mask_mod ignores). Fully
-listing-driven masks without a mask_mod need no dense tensor.
+Python before launch (a bool tensor broadcast over the batch/head dims the mask_mod ignores), its rows
+padded with False to a multiple of 16 keys (:func:`pad_elem_mask`) so its tiles load 16 bytes at a time.
+Fully listing-driven masks without a mask_mod need no dense tensor.
 
 This module imports triton: import it lazily (``attnzoo.ops.attention.triton_backend`` does).
 """
@@ -52,7 +58,8 @@ from attnzoo.ops.triton_common import (  # noqa: F401  (re-exported: kernel modu
     LN2, LOG2E, fill_nan, head_block, interpreter, length_bucket, new_output, tuning_configs,
 )
 from attnzoo.ops.attention.triton_common_jit import (  # noqa: F401  (_seq_bounds/_visible: older names)
-    LOG2E as LOG2E_C, seq_bounds as _seq_bounds, softmax_finish, softmax_step, split_range, visible as _visible,
+    LOG2E as LOG2E_C, elem_mask, seq_bounds as _seq_bounds, softmax_finish, softmax_step, split_range,
+    visible as _visible,
 )
 
 # Scalar int args that may be 1 must not be specialized into constants (keeps one compiled kernel and
@@ -72,7 +79,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                k_base, v_base, skt, skd, svt, svd, D: tl.constexpr, DV: tl.constexpr,
-               bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+               bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                qk_scale,
                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -106,10 +113,14 @@ def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_ri
         else:  # interior: keys in range, only a partial query tile's rows are bounded
             bv = tl.load(bias_base + qi * sbm + kj * sbn, mask=qi < Tq, other=0.0)
         s += bv.to(tl.float32)
-    if BOUNDARY or HAS_MASK or HAS_KPM or APPLY_EM:
+    if BOUNDARY or HAS_MASK or HAS_KPM:
         keep = _visible(qi, kj, Tq, Tk, diag, win_left, win_right, mask_base, smm, smn, kpm_base, skpn,
-                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, APPLY_EM, BOUNDARY)
+                        em_base, sem, sen, HAS_LEFT, HAS_RIGHT, HAS_MASK, HAS_KPM, False, BOUNDARY)
+        if APPLY_EM:
+            keep = keep & elem_mask(em_base, qi, kj, sem, sen, Tq, em_cols)
         s = tl.where(keep, s, float("-inf"))
+    elif APPLY_EM:
+        s = tl.where(elem_mask(em_base, qi, kj, sem, sen, Tq, em_cols), s, float("-inf"))
     return softmax_step(acc, l_i, m_i, s, v, DOT_PREC, HAS_BIAS)
 
 
@@ -121,7 +132,7 @@ def _fwd_inner(acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_ri
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, STATS, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sob, sot, soh, sod, slb, slh, slt,
-    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen, em_cols,
     H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
     scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
@@ -174,18 +185,20 @@ def _attn_fwd_kernel(
         for part in tl.static_range(0 if HAS_FULL else 1, 2):
             blk_num = FullNum if part == 0 else KvNum
             blk_idx = FullIdx if part == 0 else KvIdx
-            n_blk = tl.load(blk_num + row)
-            for i in range(0, n_blk):
-                kb = tl.load(blk_idx + row * Nk_bm + i)
-                for sub in range(0, BM_BK // BLOCK_N):
-                    start_n = kb * BM_BK + sub * BLOCK_N
-                    if (start_n < hi) & (start_n + BLOCK_N > lo):
-                        acc, l_i, m_i = _fwd_inner(
-                            acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
-                            k_base, v_base, skt, skd, svt, svd, D, DV,
-                            bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                            qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
-                            HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
+            # one flat loop over (listed block, kernel tile in it) with unconditional loads, so the
+            # K/V loads pipeline; blocks outside the causal/window band were dropped from the lists
+            # on the host (masks.block_mask.band_limited_lists), tiles of a listed block that the band
+            # cuts are masked by the element test like any boundary tile
+            n_tiles = tl.load(blk_num + row) * (BM_BK // BLOCK_N)
+            idx_base = blk_idx + row * Nk_bm
+            for j in range(0, n_tiles):
+                start_n = tl.load(idx_base + j // (BM_BK // BLOCK_N)) * BM_BK + (j % (BM_BK // BLOCK_N)) * BLOCK_N
+                acc, l_i, m_i = _fwd_inner(
+                    acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
+                    k_base, v_base, skt, skd, svt, svd, D, DV,
+                    bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
+                    qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
+                    HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_N, BLOCK_D, BLOCK_DV, True)
     else:
         lo = (lo // BLOCK_N) * BLOCK_N
         # interior key tiles: inside [0, Tk) and inside the band of every row of this query tile
@@ -200,21 +213,21 @@ def _attn_fwd_kernel(
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
-                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                 qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
         for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
-                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                 qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, False)
         for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles: the diagonal, the sequence end
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, start_n, offs_m, Tq, Tk, diag, win_left, win_right,
                 k_base, v_base, skt, skd, svt, svd, D, DV,
-                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
+                bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
                 qk_scale, HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                 BLOCK_N, BLOCK_D, BLOCK_DV, True)
 
@@ -240,10 +253,15 @@ def _attn_fwd_kernel(
 SMALL, MID, WIDE, ALL = (16, 32, 64), (128,), (256,), (16, 32, 64, 128, 256)
 
 
+#: a config tuple's optional 5th entry: the config is not offered with a BlockMask (it spills there)
+NOT_SPARSE = "not-sparse"
+
+
 def per_head_block(table):
-    """``{head blocks: [(BLOCK_M, BLOCK_N, warps, stages), ...]}`` -> ``(BLOCK_M, BLOCK_N, warps, stages,
-    head blocks)`` tuples, each list cut by ``tuning_configs`` (its first entry under ATTNZOO_AUTOTUNE=first)."""
-    return [(*c, hbs) for hbs, configs in table.items() for c in tuning_configs(configs)]
+    """``{head blocks: [(BLOCK_M, BLOCK_N, warps, stages[, NOT_SPARSE]), ...]}`` -> ``(BLOCK_M, BLOCK_N,
+    warps, stages, head blocks[, NOT_SPARSE])`` tuples, each list cut by ``tuning_configs`` (its first entry
+    under ATTNZOO_AUTOTUNE=first)."""
+    return [(*c[:4], hbs, *c[4:]) for hbs, configs in table.items() for c in tuning_configs(configs)]
 
 
 GPU_FWD_CONFIGS = per_head_block({
@@ -264,7 +282,7 @@ def prune_for_block_mask(configs, nargs, **kwargs):
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if sparse and (bq % bm or bk % bn):
+        if sparse and (bq % bm or bk % bn or not c.sparse_ok):
             continue
         if bd not in c.head_blocks:
             continue
@@ -278,9 +296,10 @@ _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "
         "HAS_LEFT", "HAS_RIGHT", "SPARSE", "BM_BQ", "BM_BK"]
 
 
-def _config(bm: int, bn: int, warps: int, stages: int, head_blocks) -> "triton.Config":
+def _config(bm: int, bn: int, warps: int, stages: int, head_blocks, *flags) -> "triton.Config":
     c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
     c.head_blocks = head_blocks  # read by prune_for_block_mask
+    c.sparse_ok = NOT_SPARSE not in flags
     return c
 
 
@@ -360,6 +379,7 @@ def common_args(q, k, v, bias, mask, kpm, em, cu_q, cu_k, kvn, kvi, fn, fi, scal
     s["sbb"], s["sbh"], s["sbm"], s["sbn"] = _strides4(bias)
     s["smb"], s["smh"], s["smm"], s["smn"] = _strides4(mask)
     s["seb"], s["seh"], s["sem"], s["sen"] = _strides4(em)
+    s["em_cols"] = em.shape[-1] if em is not None else 0
     if kpm is not None:
         s["skpb"], s["skpn"] = kpm.stride(0), kpm.stride(1)
     else:
@@ -421,6 +441,23 @@ def unpack_masks(masks: Sequence[Optional[torch.Tensor]]) -> Masks:
     return Masks(*masks)
 
 
+def band_limited(masks: Sequence[Optional[torch.Tensor]], causal: bool, window: Sequence[int],
+                 max_seqlen: Sequence[int], block_size: Sequence[int]) -> List[Optional[torch.Tensor]]:
+    """``masks`` with the BlockMask lists cut to the causal/window band
+    (:func:`attnzoo.ops.masks.block_mask.band_limited_lists`): the kernels walk the listed blocks with no
+    band test of their own. Unchanged without a BlockMask or a band."""
+    m = unpack_masks(masks)
+    if m.kv_num_blocks is None or not (causal or window[0] >= 0 or window[1] >= 0):
+        return list(masks)
+    from attnzoo.ops.masks.block_mask import band_limited_lists
+
+    kw = dict(causal=causal, window_left=window[0], window_right=window[1])
+    sizes = (max_seqlen[0], max_seqlen[1], tuple(block_size))
+    kvn, kvi = band_limited_lists(m.kv_num_blocks, m.kv_indices, *sizes, **kw)
+    fn, fi = band_limited_lists(m.full_kv_num_blocks, m.full_kv_indices, *sizes, **kw)
+    return m._replace(kv_num_blocks=kvn, kv_indices=kvi, full_kv_num_blocks=fn, full_kv_indices=fi).pack()
+
+
 def args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen, block_size):
     """:func:`common_args` from the custom ops' grouped arguments."""
     m = unpack_masks(masks)
@@ -440,6 +477,7 @@ def attention_fwd(
     (left, right), ``max_seqlen`` = (q, k), ``block_size`` = the BlockMask's (q, k) blocks ((0, 0) without
     one). ``stats`` (for the backward only): with a bias, ``[2, *lse.shape]`` fp32 = each row's score max
     and ``log2`` of its sum (the lse in two parts that a huge bias cannot round together); else empty."""
+    masks = band_limited(masks, causal, window, max_seqlen, block_size)
     args, (B, H, Hkv, G, Tq, Tk, D, DV) = args_from_op(q, k, v, bias, masks, scale, causal, window, max_seqlen,
                                                        block_size)
     cu_seqlens_q = unpack_masks(masks).cu_seqlens_q
@@ -494,4 +532,19 @@ def block_mask_tensors(block_mask, B: int, H: int, Tq: int, Tk: int, device):
         em = _eval_mask_mod(block_mask.mask_mod, B, H, Tq, Tk, device)
         # keep only the dims mask_mod depends on (the rest broadcast with stride 0)
         em = em[tuple(slice(None) if st != 0 else slice(0, 1) for st in em.stride())]
-    return [kvn, kvi, fn, fi, em], tuple(block_mask.block_size)
+    return [kvn, kvi, fn, fi, pad_elem_mask(em)], tuple(block_mask.block_size)
+
+
+def pad_elem_mask(em: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The partial blocks' element mask as the kernels read it (``triton_common_jit.elem_mask``): rows
+    padded with False to a multiple of 16 keys, unit stride along keys, so a tile of it loads with 128-bit
+    loads. A copy only when ``Tk`` is not a multiple of 16 or the key dim is strided."""
+    if em is None:
+        return None
+    tk = em.shape[-1]
+    cols = -(-tk // 16) * 16
+    if cols == tk and (em.stride(-1) == 1 or tk <= 1):
+        return em
+    out = torch.zeros(*em.shape[:-1], cols, dtype=em.dtype, device=em.device)
+    out[..., :tk] = em
+    return out

@@ -101,6 +101,37 @@ def _compress(blocks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return count, idx
 
 
+def band_limited_lists(num: torch.Tensor, idx: torch.Tensor, Tq: int, Tk: int, block_size: Tuple[int, int], *,
+                       causal: bool, window_left: int = -1, window_right: int = -1
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block lists (``num [B, H, Mq]``, ``idx [B, H, Mq, Nk]``) with the key blocks that lie wholly outside
+    the causal/window band of their query block dropped (SPEC §0: query ``i`` sees key ``j`` iff
+    ``-left <= j - i - (Tk - Tq) <= right``; causal means ``right = 0``). The kept blocks stay first in each
+    row, in their order; the lists are returned unchanged without a band. Lets a kernel walk the lists
+    with no per-block band test (a data-dependent test around the tile loads stops their pipelining)."""
+    has_right = causal or window_right >= 0
+    has_left = window_left >= 0
+    if num is None or not (has_right or has_left):
+        return num, idx
+    bq, bk = block_size
+    Mq, W = idx.shape[-2], idx.shape[-1]
+    dev = idx.device
+    diag = Tk - Tq
+    m = torch.arange(Mq, device=dev).view(Mq, 1)
+    q_first = m * bq
+    q_last = torch.clamp(m * bq + bq, max=Tq) - 1
+    kb = idx.long()
+    keep = torch.arange(W, device=dev) < num[..., None].long()
+    if has_right:
+        right = 0 if causal else window_right
+        keep = keep & (kb * bk <= q_last + diag + right)
+    if has_left:
+        keep = keep & (torch.clamp(kb * bk + bk, max=Tk) - 1 >= q_first + diag - window_left)
+    count = keep.sum(-1).to(num.dtype)
+    order = (~keep).to(torch.int8).argsort(dim=-1, stable=True)
+    return count, torch.gather(idx, -1, order).to(idx.dtype)
+
+
 def block_mask_from_dense(mask: torch.Tensor, block_size: Tuple[int, int] = (128, 128)) -> BlockMask:
     """Build a :class:`BlockMask` from a dense bool ``mask [B|1, H|1, Tq, Tk]`` (True = visible).
 

@@ -41,3 +41,39 @@ def pack_active_rows(gates: torch.Tensor, block_m: int) -> PackedRows:
     tile_offsets = torch.zeros(B * H + 1, dtype=torch.int32, device=gates.device)
     tile_offsets[1:] = torch.cumsum(tiles, 0)
     return PackedRows(rows.contiguous(), counts, tile_offsets, block_m, B * H * -(-T // block_m))
+
+
+def key_tile_row_ranges(rows: torch.Tensor, counts: torch.Tensor, Tq: int, Tk: int, block_n: int, *,
+                        causal: bool, window_left: int = -1, window_right: int = -1) -> torch.Tensor:
+    """For each ``(b, h, key tile n)`` the packed-row indices ``[lo, hi)`` whose causal/window band can
+    reach keys ``[n * block_n, (n + 1) * block_n)``: ``[B, H, ceil(Tk / block_n), 2]`` int32.
+
+    ``rows``/``counts`` as from :func:`pack_active_rows`. A row's positions are sorted, and the band of
+    position ``i`` is keys ``[i + diag - left, i + diag + right]`` (``diag = Tk - Tq``, SPEC §0), so the rows
+    that reach a key tile are the contiguous run with ``tile_start - diag - right <= i < tile_end - diag +
+    left``: two ``searchsorted`` per tile. Without a bound on a side the run starts at 0 / ends at the
+    count. The run may still hold rows that see no key of the tile for a data mask (key padding): the
+    kernel's element test removes those. Runs on the rows' device; no host sync."""
+    B, H, T = rows.shape
+    dev = rows.device
+    n_tiles = -(-Tk // block_n)
+    has_right = causal or window_right >= 0
+    right = 0 if causal else max(window_right, 0)
+    has_left = window_left >= 0
+    cnt = counts.reshape(B, H, 1).long()
+    diag = Tk - Tq
+    starts = torch.arange(n_tiles, device=dev, dtype=torch.long) * block_n
+    if has_right or has_left:
+        # the active prefix of each row list, sorted; padding past the count sorts last
+        srt = torch.where(torch.arange(T, device=dev) < cnt, rows.long(), torch.iinfo(torch.int32).max).contiguous()
+
+        def first_at_least(v):  # per (b, h): how many listed positions are < v[n]
+            return torch.minimum(torch.searchsorted(srt, v.expand(B, H, n_tiles).contiguous()), cnt)
+
+    if has_right:
+        lo = first_at_least(starts - diag - right)
+    else:
+        lo = torch.zeros(B, H, n_tiles, dtype=torch.long, device=dev)
+    hi = first_at_least(starts + block_n - diag + max(window_left, 0)) if has_left else cnt.expand(B, H, n_tiles)
+    hi = torch.maximum(hi, lo)
+    return torch.stack((lo, hi), -1).to(torch.int32).contiguous()

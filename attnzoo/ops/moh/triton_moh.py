@@ -6,10 +6,13 @@ and a flattened schedule of row tiles (``tile_offsets``). K and V stay dense.
 
 Forward: one program per packed row tile of BLOCK_M rows. The program finds its ``(b, h)`` by binary
 search in ``tile_offsets``, gathers its Q rows (invalid rows get position ``Tq`` and are masked), and
-streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]`` (rows are sorted, so the
-tile's last row bounds the causal loop); key tiles inside the band of every valid row of the tile
-(``_interior_range``) run without bounds/band tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered
-positions standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
+streams key tiles only over ``[min_pos + diag - left, max_pos + diag + right]``. Rows are sorted, so
+``min_pos``/``max_pos`` are two scalar loads (the tile's first and last valid rows), not reductions over
+the gathered positions: with loop bounds derived from a ``tl.min``/``tl.max``, Triton (3.9) gave the K
+tiles of the interior and diagonal loops a 16-bit-per-thread layout and did not pipeline them (sm_90 PTX).
+Key tiles inside the band of every valid row of the tile (``_interior_range``) run without bounds/band
+tests, the others with. The online softmax is the core's ``_fwd_inner`` with the gathered positions
+standing in for contiguous row indices (Q tile, running max/sum and the fp32 accumulator stay in
 registers). Epilogue: ``O = acc / l * gate``, scattered back to ``[B, T, H]`` (inactive rows are never
 written; the output starts zeroed); the log-sum-exp is stored at the original positions ``[B, H, T]``.
 
@@ -19,9 +22,13 @@ Backward (deterministic, no atomics):
 * dQ: the forward's packed tiles again; gathered Q, ``gate * dO``, lse, delta in registers; key tiles
   stream through the core's ``_bwd_q_inner``; dQ scattered to the active rows (inactive rows stay 0).
 * dK/dV: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in registers;
-  loops over the query heads of the group and, for each, only over its packed active-row tiles that can
-  see this key tile. Inactive rows never enter: cost follows the active fraction. (The per-tile reach
-  test guards the loads, so this loop is not cp.async-pipelined; key-padded K/V rows are never loaded.)
+  loops over the query heads of the group and, for each, only over the packed active rows whose band can
+  reach this key tile. Rows are sorted by position, so those rows are one contiguous run per head, built
+  before launch by :func:`attnzoo.ops.moh.packing.key_tile_row_ranges` (two ``searchsorted`` per key tile,
+  on the device); the loop walks the run in BLOCK_M-row tiles with unconditional loads (no data-dependent
+  ``if`` around them), so Triton pipelines the gathers of the row indices, Q, dO, lse and delta
+  (cp.async). The element test (band, key padding) masks the pairs that see nothing. Inactive rows never
+  enter: cost follows the active fraction. Key-padded K/V rows are never loaded.
 
 Decode (a few new queries, no gradient): :func:`moh_decode` runs the core's split-K decode kernel with the
 gates instead -- one read of each K/V tile per GQA group, split across programs for long caches, and no
@@ -46,6 +53,7 @@ from attnzoo.ops.attention.triton_common_jit import (
     dkdv_step, lse_log2, softmax_finish, split_range, visible as _visible,
 )
 from attnzoo.ops.attention.triton_fwd import _fwd_inner
+from attnzoo.ops.moh.packing import key_tile_row_ranges
 from attnzoo.ops.moh.triton_packing import pack_active_rows_triton
 
 _NO_SPEC = ["H", "G", "Tq", "Tk", "win_left", "win_right", "BH", "T_rows"]
@@ -63,38 +71,46 @@ def _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS: tl.cons
         hi = tl.where(take, hi, mid - 1)
     bh = lo
     tile = pid - tl.load(TileOff + bh)
-    idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = idx < tl.load(Counts + bh)
-    pos = tl.load(Rows + bh.to(tl.int64) * T_rows + idx, mask=valid, other=0)
+    start = tile * BLOCK_M
+    count = tl.load(Counts + bh)
+    idx = start + tl.arange(0, BLOCK_M)
+    valid = idx < count
+    row_base = Rows + bh.to(tl.int64) * T_rows
+    pos = tl.load(row_base + idx, mask=valid, other=0)
     pos = tl.where(valid, pos, Tq)
-    return bh, pos, valid
+    # rows are sorted by position: the tile's first and last valid rows bound its positions (scalar loads)
+    first = tl.load(row_base + start)
+    last = tl.load(row_base + tl.minimum(start + BLOCK_M, count) - 1)
+    return bh, pos, valid, first, last
 
 
 @triton.jit
-def _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+def _key_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` that the causal/window band of a packed tile's rows (positions ``first`` ..
+    ``last``) can reach; ``lo`` on the tile grid."""
     diag = Tk - Tq
     lo = Tk * 0
     hi = Tk
     if HAS_LEFT:
-        lo = tl.maximum(tl.min(tl.where(valid, pos, Tq), 0) + diag - win_left, 0)
+        lo = tl.maximum(first + diag - win_left, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     if HAS_RIGHT:
-        hi = tl.minimum(tl.max(tl.where(valid, pos, 0), 0) + 1 + diag + win_right, Tk)
+        hi = tl.minimum(last + 1 + diag + win_right, Tk)
     return lo, hi
 
 
 @triton.jit
-def _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _interior_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Keys ``[ilo, ihi)`` inside the causal/window band of every valid row of a packed tile (and inside
     ``[0, Tk)``): the interior key tiles, which need no bounds or band test."""
     diag = Tk - Tq
     ilo = Tk * 0
     ihi = Tk
     if HAS_LEFT:
-        ilo = tl.max(tl.where(valid, pos, 0), 0) + diag - win_left
+        ilo = last + diag - win_left
     if HAS_RIGHT:
-        ihi = tl.minimum(tl.min(tl.where(valid, pos, Tq), 0) + diag + win_right + 1, Tk)
+        ihi = tl.minimum(first + diag + win_right + 1, Tk)
     return ilo, ihi
 
 
@@ -134,7 +150,7 @@ def _moh_fwd_kernel(
     pid = tl.program_id(0)
     if pid >= tl.load(TileOff + BH):
         return
-    bh, pos, valid = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
+    bh, pos, valid, first, last = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -148,28 +164,28 @@ def _moh_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    ilo, ihi = _interior_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
     mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):  # boundary tiles (window edge)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):  # interior tiles: no bounds or band test
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, False)
     for start_n in range(mid_hi, hi, BLOCK_N):  # boundary tiles (diagonal, sequence end)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0,
             scale_log2, False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     o, lse, _m, _log2l = softmax_finish(acc, l_i, m_i, False)
@@ -193,7 +209,7 @@ def _moh_bwd_dq_kernel(
     pid = tl.program_id(0)
     if pid >= tl.load(TileOff + BH):
         return
-    bh, pos, valid = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
+    bh, pos, valid, first, last = _find_tile(TileOff, Counts, Rows, pid, BH, T_rows, Tq, SEARCH_STEPS, BLOCK_M)
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -207,28 +223,28 @@ def _moh_bwd_dq_kernel(
     kpm_base = KPM + b64 * skpb
     diag = Tk - Tq
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    ilo, ihi = _interior_range(pos, valid, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    ilo, ihi = _interior_range(first, last, Tq, Tk, win_left, win_right, HAS_LEFT, HAS_RIGHT)
     mid_lo, mid_hi = split_range(lo, hi, ilo, ihi, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _bwd_q_inner(
             dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         dq = _bwd_q_inner(
             dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, False)
     for start_n in range(mid_hi, hi, BLOCK_N):
         dq = _bwd_q_inner(
             dq, q, do, lse2, lse2, delta, start_n, pos, Tq, Tk, diag, win_left, win_right,
             k_base, v_base, skt, skd, svt, svd, D, DV,
-            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, scale_log2,
+            K, 0, 0, K, 0, 0, kpm_base, skpn, K, 0, 0, 0, scale_log2,
             False, False, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
             BLOCK_N, BLOCK_D, BLOCK_DV, True)
     dq = dq * scale
@@ -236,12 +252,12 @@ def _moh_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < D))
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
+@triton.jit(do_not_specialize=_NO_SPEC + ["n_ktiles"])
 def _moh_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Counts,
+    Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Ranges,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
     slb, slh, slt, sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sgb, sgt, sgh, skpb, skpn,
-    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, scale_log2, scale, win_left, win_right,
+    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, n_ktiles, scale_log2, scale, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -272,29 +288,26 @@ def _moh_bwd_dkdv_kernel(
     for g in range(0, G):
         h = hkv * G + g
         bh = b64 * H + h
-        count = tl.load(Counts + bh)
-        for start_m in range(0, count, BLOCK_M):
+        # the packed rows [r_lo, r_hi) of head h whose band reaches this key tile (packing.key_tile_row_ranges)
+        rng = Ranges + (bh * n_ktiles + pid_n) * 2
+        r_lo = tl.load(rng)
+        r_hi = tl.load(rng + 1)
+        row_base = Rows + bh * T_rows
+        # from a multiple of BLOCK_M (aligned row-index loads); the rows before r_lo see nothing of this
+        # tile and are masked by the band test like any other invisible pair
+        for start_m in range((r_lo // BLOCK_M) * BLOCK_M, r_hi, BLOCK_M):
             idx = start_m + tl.arange(0, BLOCK_M)
-            valid = idx < count
-            pos = tl.load(Rows + bh * T_rows + idx, mask=valid, other=0)
-            first = tl.min(tl.where(valid, pos, Tq), 0)
-            last = tl.max(tl.where(valid, pos, 0), 0)
-            # does any row of this tile reach this key tile through the causal/window band?
-            reach = True
-            if HAS_RIGHT:
-                reach = reach & (last + diag + win_right >= start_n)
-            if HAS_LEFT:
-                reach = reach & (first + diag - win_left < start_n + BLOCK_N)
-            if reach:
-                pos = tl.where(valid, pos, Tq)
-                rows = pos.to(tl.int64)
-                q, do, lse2, delta = _load_bwd_rows(
-                    Q, DO, LSE, DELTA, Gates, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod,
-                    slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
-                st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
-                keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
-                                K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
-                dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
+            valid = idx < r_hi
+            pos = tl.load(row_base + idx, mask=valid, other=0)
+            pos = tl.where(valid, pos, Tq)
+            rows = pos.to(tl.int64)
+            q, do, lse2, delta = _load_bwd_rows(
+                Q, DO, LSE, DELTA, Gates, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod,
+                slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
+            keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
+                            K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
+            dk, dv, _dst = dkdv_step(dk, dv, q, do, v, st, keep, lse2, lse2, delta, DOT_PREC, True, False)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hkv * sdkh + rows_k[:, None] * sdkt + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -434,8 +447,12 @@ def moh_attention_bwd(
         **a, DQ=dq, TileOff=tile_offsets, BH=B * H, SEARCH_STEPS=math.ceil(math.log2(max(B * H, 2))) + 1,
         **_named("sdq", dq), num_warps=warps, num_stages=stages)
     a["BLOCK_M"], dkdv_warps = _dkdv_tiles(bm, warps, D, v.shape[-1])
+    ranges = key_tile_row_ranges(rows, counts, Tq, Tk, bn, causal=causal, window_left=window_left,
+                                 window_right=window_right)
+    del a["Counts"]
     _moh_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
-        **a, DK=dk, DVo=dv, **_named("sdk", dk), **_named("sdv", dv), num_warps=dkdv_warps, num_stages=stages)
+        **a, DK=dk, DVo=dv, Ranges=ranges, n_ktiles=ranges.shape[2], **_named("sdk", dk), **_named("sdv", dv),
+        num_warps=dkdv_warps, num_stages=stages)
     return dq, dk, dv, dgates
 
 
