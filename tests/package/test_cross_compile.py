@@ -126,10 +126,9 @@ def test_gate_rules():
     assert not cc.gate_verdict(rows[:-1] + [spill | {"kernel": rows[-1]["kernel"]}], ["knocking"])["knocking"]["ok"]
 
 
-# The families whose kernels hold the gate today. moh and dma do not yet (issue 13): MoH's dK/dV and DMA
-# are not pipelined (a data-dependent branch guards their loads) and causal MoH loads some tiles narrow.
-# Add a family here when it passes `tools/cross_compile.py --gate --families NAME`.
-GATED_FAMILIES = ["lightning", "knocking", "attention"]
+# Every family's hot kernels hold the gate (issue 13); a new family joins this list when it passes
+# `tools/cross_compile.py --gate --families NAME`.
+GATED_FAMILIES = ["lightning", "knocking", "attention", "moh", "dma"]
 
 
 @pytest.mark.parametrize("family", GATED_FAMILIES)
