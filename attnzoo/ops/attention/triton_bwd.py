@@ -449,16 +449,21 @@ def _attn_bwd_dq_kernel(
 
 
 # As the forward's (triton_fwd.GPU_FWD_CONFIGS): per head block at most 6 tiles that compile for sm_90
-# without spilling (Triton 3.9), each list cut by tuning_configs. dK/dV keeps two [BLOCK_N, head] fp32
-# accumulators: at head block 128 that needs 8 warps and BLOCK_N <= 64 (64x64 spilled 72-176 B/thread),
-# at 256 BLOCK_M * BLOCK_N <= 1024 (all listed: 0 B); at head block 64, 64x64/4 warps (24 B with a bias),
-# 64x128/8 (16 B), 16x32/4 (8-32 B) and 16x16/4 (8 B) spilled: its 16x16 tile runs on 2 warps. dQ at head
-# block 64: 32x16 spilled 8 B with key padding. With a BlockMask (its element-mask tiles live too) dK/dV's
-# 32x64/8 at head block 128 spilled 72 B: marked NOT_SPARSE, the autotuner is not offered it there.
+# without spilling, each list cut by tuning_configs. dK/dV keeps two [BLOCK_N, head] fp32 accumulators: at
+# head block 128 that needs 8 warps and BLOCK_N <= 64 (64x64 spilled 72-176 B/thread), at 256 BLOCK_M *
+# BLOCK_N <= 1024 (all listed: 0 B); at head block 64, 64x64/4 warps (24 B with a bias), 64x128/8 (16 B),
+# 16x32/4 (8-32 B) and 16x16/4 (8 B) spilled: its 16x16 tile runs on 2 warps. dQ at head block 64: 32x16
+# spilled 8 B with key padding. dK/dV at head blocks 64 and 128 also passes the codegen gate
+# (tools/cross_compile.py --gate) on both Triton 3.6 (the GPU machine's) and 3.9 (CI's): 3.6 loads the
+# per-row lse/delta vectors as BLOCK_M 4-byte cp.asyncs when BLOCK_N >= 64 (32 x 4 B for 32x64 and 32x128,
+# 64 x 4 B for 64x64 -- "tile loads not 128-bit"), so those tiles are not offered; 64x32/4 and 64x32/8 spill
+# (8-24 B) on one version or the other at head block 64, 128x16/8 spills 24-48 B at head block 128; 32x32/4
+# passes the gate at head block 64 but spills 8-160 B with a window, varlen or dense mask on 3.9. A config
+# that spills only with a BlockMask (its element-mask tiles live too) is marked F.NOT_SPARSE.
 _SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
 GPU_DKDV_CONFIGS = F.per_head_block({
-    _SM: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 16, 2, 2)],
-    _MID: [(32, 64, 8, 2, F.NOT_SPARSE), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    _SM: [(128, 32, 8, 2), (32, 16, 2, 2), (16, 32, 2, 2), (16, 16, 2, 2)],
+    _MID: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
 })
 GPU_DQ_CONFIGS = F.per_head_block({
