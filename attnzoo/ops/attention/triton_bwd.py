@@ -459,11 +459,12 @@ def _attn_bwd_dq_kernel(
 # 64 x 4 B for 64x64 -- "tile loads not 128-bit"), so those tiles are not offered; 64x32/4 and 64x32/8 spill
 # (8-24 B) on one version or the other at head block 64, 128x16/8 spills 24-48 B at head block 128; 32x32/4
 # passes the gate at head block 64 but spills 8-160 B with a window, varlen or dense mask on 3.9. A config
-# that spills only with a BlockMask (its element-mask tiles live too) is marked F.NOT_SPARSE.
+# that spills only with a BlockMask (its element-mask tiles live too) is marked F.NOT_SPARSE: 128x32/8 at head
+# block 64 (40 B on 3.9), 16x16/4 at head block 128 (32 B on 3.6).
 _SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
 GPU_DKDV_CONFIGS = F.per_head_block({
-    _SM: [(128, 32, 8, 2), (32, 16, 2, 2), (16, 32, 2, 2), (16, 16, 2, 2)],
-    _MID: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    _SM: [(128, 32, 8, 2, F.NOT_SPARSE), (32, 16, 2, 2), (16, 32, 2, 2), (16, 16, 2, 2)],
+    _MID: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2, F.NOT_SPARSE)],
     _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
 })
 GPU_DQ_CONFIGS = F.per_head_block({
