@@ -214,7 +214,7 @@ def _packed_heads(qs, act, kg, vg, kpm_b, offset: int, causal: bool, window, sca
         return qs.new_zeros(Tq, nh, Dv)
     pos = idx // nh
     qa = qs.reshape(Tq * nh, D).index_select(0, idx)[None, None]  # [1, 1, n, D]
-    kg, vg = kg.permute(0, 2, 1, 3), vg.permute(0, 2, 1, 3)  # [1, 1, Tk, D]
+    kg, vg = kg.permute(0, 2, 1, 3).contiguous(), vg.permute(0, 2, 1, 3).contiguous()  # [1, 1, Tk, D], rows dense
     left, right = window
     if kpm_b is None and left < 0 and right < 0 and not causal:  # every row sees every key
         o_rows = F.scaled_dot_product_attention(qa, kg, vg, scale=scale)[0, 0]
