@@ -1,11 +1,12 @@
 """``attnzoo bench --suite cpu``: attnzoo's torch backend on the CPU against PyTorch SDPA and the reference,
 time and peak memory, in one run (so every ratio compares numbers taken minutes apart on the same machine).
 
-Each case runs in fresh subprocesses (one for the fast providers, one for the reference, which may be
-slow or large): inputs are built, then per provider the resident-set high-water mark is reset
-(``/proc/self/clear_refs``) and one call's peak RSS above the pre-call RSS is its memory (``VmHWM`` -
-``VmRSS``; glibc's mmap threshold is pinned so freed buffers go back to the OS); then the providers are
-timed in interleaved rounds (A B A B ...) and the median per provider is kept -- the machine is shared, so
+Each case runs in fresh subprocesses (the fast providers apart from the reference, which may be slow or
+large; memory and time each in their own process). Memory: inputs are built, then per provider the
+resident-set high-water mark is reset (``/proc/self/clear_refs``) and one call's peak RSS above the
+pre-call RSS is its memory (``VmHWM`` - ``VmRSS``; glibc's mmap threshold is pinned in that process so
+freed buffers go back to the OS). Time: with the default allocator, the providers are timed in
+interleaved rounds (A B A B ...) and the median per provider is kept -- the machine is shared, so
 interleaving spreads load changes over every provider alike. Wall-clock ``time.perf_counter``.
 
 Shapes: B=1, 8 query heads, 2 kv heads, head dim 64, fp32 (the issue's numbers). The reference is skipped
@@ -245,8 +246,10 @@ def _reset_hwm() -> bool:
         return False
 
 
-def worker(case: Dict[str, Any], providers: List[str]) -> None:
-    """Measure ``providers`` on ``case``; one JSON line per provider on stdout (flushed as soon as known)."""
+def worker(case: Dict[str, Any], providers: List[str], measure: str = "time") -> None:
+    """Measure ``providers`` on ``case``: ``measure="memory"`` one call's peak RSS each (in the process with
+    glibc's mmap threshold pinned, see :func:`_spawn`), ``"time"`` interleaved rounds (the default allocator,
+    as users run). One JSON line per provider on stdout (flushed as soon as known)."""
     import torch
 
     torch.manual_seed(0)
@@ -258,7 +261,7 @@ def worker(case: Dict[str, Any], providers: List[str]) -> None:
 
         gc.collect()
         before = _status_kb("VmRSS:")
-        ok = _reset_hwm()
+        ok = measure == "memory" and _reset_hwm()
         t0 = time.perf_counter()
         try:
             fn()
@@ -266,9 +269,12 @@ def worker(case: Dict[str, Any], providers: List[str]) -> None:
             print(json.dumps(dict(provider=prov, status="error", error=f"{type(e).__name__}: {e}"[:300])), flush=True)
             continue
         first = time.perf_counter() - t0
-        peak = (_status_kb("VmHWM:") - before) * 1024 if ok else None
-        mem[prov] = peak
+        mem[prov] = (_status_kb("VmHWM:") - before) * 1024 if ok else None
         fns[prov] = (fn, first)
+    if measure == "memory":
+        for prov in fns:
+            print(json.dumps(dict(provider=prov, status="ok", peak_bytes=mem[prov])), flush=True)
+        return
     times = {p: [] for p in fns}
     spent, rounds = 0.0, 0
     slow = max((f for _, f in fns.values()), default=0) > ROUND_BUDGET_S
@@ -282,7 +288,7 @@ def worker(case: Dict[str, Any], providers: List[str]) -> None:
         rounds += 1
     for prov in fns:
         print(json.dumps(dict(provider=prov, status="ok", time_ms=statistics.median(times[prov]),
-                              times_ms=times[prov], first_call_ms=fns[prov][1] * 1e3, peak_bytes=mem[prov])),
+                              times_ms=times[prov], first_call_ms=fns[prov][1] * 1e3)),
               flush=True)
 
 
@@ -290,10 +296,12 @@ def worker(case: Dict[str, Any], providers: List[str]) -> None:
 # the driver
 
 
-def _spawn(case, providers, timeout):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    cmd = [sys.executable, "-m", "benchmarks.suites.cpu", "--worker", json.dumps(case), "--providers", *providers]
+def _spawn_one(case, providers, timeout, measure):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    if measure == "memory":  # freed buffers go back to the OS at once, so the RSS high-water mark is the call's
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, "-m", "benchmarks.suites.cpu", "--worker", json.dumps(case), "--measure", measure,
+           "--providers", *providers]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(HERE.parent))
         lines, err = r.stdout, (r.stderr[-400:] if r.returncode else "")
@@ -311,6 +319,19 @@ def _spawn(case, providers, timeout):
     for p in providers:
         if p not in got:
             got[p] = dict(provider=p, status="timeout" if rc == "timeout" else "crashed", error=err)
+    return got
+
+
+def _spawn(case, providers, timeout):
+    """Time and memory of ``providers`` on ``case``, each in its own worker process: memory with glibc's mmap
+    threshold pinned low (every large buffer is its own mapping, returned on free, so the RSS high-water mark
+    is exact), time with the default allocator -- the pinned one turns every large allocation into an
+    mmap + page faults + munmap, which would charge code that allocates per chunk for a setting no user has."""
+    mem = _spawn_one(case, providers, timeout, "memory")
+    got = _spawn_one(case, providers, timeout, "time")
+    for p in providers:
+        if got[p]["status"] == "ok":
+            got[p]["peak_bytes"] = mem[p].get("peak_bytes") if mem[p]["status"] == "ok" else None
     return got
 
 
@@ -385,10 +406,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", default=None)
     ap.add_argument("--providers", nargs="*", default=[])
+    ap.add_argument("--measure", choices=("time", "memory"), default="time")
     ap.add_argument("--level", default="full")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.worker:
-        worker(json.loads(a.worker), a.providers)
+        worker(json.loads(a.worker), a.providers, a.measure)
     else:
         sys.exit(main(a.level, a.out))

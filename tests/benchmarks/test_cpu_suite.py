@@ -28,12 +28,27 @@ def test_full_sweep_covers_the_issue():
 def test_worker_measures_time_and_memory(capsys):
     case = next(c for c in cpu.cases("quick") if c["group"] == "attention causal" and c["x"] == 256
                 and c["mode"] == "fwd+bwd")
-    cpu.worker(case, ["sdpa", "torch"])
+    cpu.worker(case, ["sdpa", "torch"], "time")
     recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert {r["provider"] for r in recs} == {"sdpa", "torch"}
     for r in recs:
         assert r["status"] == "ok" and r["time_ms"] > 0 and len(r["times_ms"]) >= 3
+    cpu.worker(case, ["sdpa", "torch"], "memory")
+    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert {r["provider"] for r in recs} == {"sdpa", "torch"}
+    for r in recs:
+        assert r["status"] == "ok" and "time_ms" not in r
         assert r["peak_bytes"] is None or r["peak_bytes"] >= 0
+
+
+def test_spawn_times_with_the_default_allocator_and_measures_memory_pinned():
+    """Memory and time come from separate workers: the pinned mmap threshold (needed for exact peaks) would
+    otherwise slow every large allocation of the timed calls."""
+    case = next(c for c in cpu.cases("quick") if c["group"] == "attention causal" and c["x"] == 256
+                and c["mode"] == "fwd")
+    got = cpu._spawn(case, ["sdpa", "torch"], 120)
+    for p in ("sdpa", "torch"):
+        assert got[p]["status"] == "ok" and got[p]["time_ms"] > 0 and "peak_bytes" in got[p]
 
 
 def test_report_states_goals_from_the_numbers(tmp_path):
