@@ -25,6 +25,24 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(TB, "FLASH_CHUNK", 8)
 
 
+def _check_against_reference(q, k, v, gates, do, dtype, **kw):
+    """The torch backend's output and q, k, v, gates gradients against the fp64 reference by the accuracy
+    rule; returns the backend's ``[o, dq, dk, dv, dgates]``."""
+
+    def run(fn, cast):
+        ins = [cast(t).detach().requires_grad_() for t in (q, k, v, gates)]
+        o = fn(*ins, **kw)
+        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
+
+    got = run(lambda *a, **k2: moh_attention(*a, backend="torch", **k2), lambda t: t)
+    ref = run(moh_attention_reference, lambda t: t.double())
+    with lowp_reference():
+        low = run(moh_attention_reference, lambda t: t)
+    for name, a, r, lo in zip(("o", "dq", "dk", "dv", "dgates"), got, ref, low):
+        assert_close_by_rule(a, r, lo, name, dtype=dtype)
+    return got
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(b=st.integers(1, 2), tq=st.integers(1, 36), tk=st.integers(1, 36), hkv=st.sampled_from([1, 2]),
        g=st.sampled_from([1, 2, 4]), frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]), causal=st.booleans(),
@@ -44,18 +62,7 @@ def test_against_reference(b, tq, tk, hkv, g, frac, causal, window, kpm, dtype, 
     if kpm:
         kw["key_padding_mask"] = torch.rand(b, tk, device=DEV) > 0.3
     do = torch.randn(b, tq, H, 16, device=DEV)
-
-    def run(fn, cast):
-        ins = [cast(t).detach().requires_grad_() for t in (q, k, v, gates)]
-        o = fn(*ins, **kw)
-        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
-
-    got = run(lambda *a, **k2: moh_attention(*a, backend="torch", **k2), lambda t: t)
-    ref = run(moh_attention_reference, lambda t: t.double())
-    with lowp_reference():
-        low = run(moh_attention_reference, lambda t: t)
-    for name, a, r, lo in zip(("o", "dq", "dk", "dv", "dgates"), got, ref, low):
-        assert_close_by_rule(a, r, lo, name, dtype=dtype)
+    got = _check_against_reference(q, k, v, gates, do, dtype, **kw)
     inactive = gates == 0
     assert (got[0][inactive] == 0).all() and (got[4][inactive] == 0).all()
     assert (got[1][inactive] == 0).all()  # no gradient reaches an inactive query row
@@ -112,15 +119,4 @@ def test_prefix_band_path(b, tq, extra, g, frac, dtype, seed):
     gates = torch.where(torch.rand(b, tq, H, device=DEV) < frac, torch.rand(b, tq, H, device=DEV) + 0.5,
                         torch.zeros(b, tq, H, device=DEV)).to(dtype)
     do = torch.randn(b, tq, H, 16, device=DEV)
-
-    def run(fn, cast):
-        ins = [cast(t).detach().requires_grad_() for t in (q, k, v, gates)]
-        o = fn(*ins, causal=True)
-        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
-
-    got = run(lambda *a, **kw: moh_attention(*a, backend="torch", **kw), lambda t: t)
-    ref = run(moh_attention_reference, lambda t: t.double())
-    with lowp_reference():
-        low = run(moh_attention_reference, lambda t: t)
-    for name, a, r, lo in zip(("o", "dq", "dk", "dv", "dgates"), got, ref, low):
-        assert_close_by_rule(a, r, lo, name, dtype=dtype)
+    _check_against_reference(q, k, v, gates, do, dtype, causal=True)
