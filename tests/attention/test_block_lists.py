@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from attnzoo.ops.masks.block_mask import _compress, band_limited_lists
 
+from bands import BAND_MODES, band_args
+
 
 def band(Tq, Tk, causal, left, right):
     """[Tq, Tk] bool: the causal/window band of SPEC §0 (bottom-right aligned)."""
@@ -39,7 +41,7 @@ def listed(num, idx, nk):
     bq=st.sampled_from([16, 32]),
     bk=st.sampled_from([16, 32]),
     p=st.sampled_from([0.3, 0.7, 1.0]),
-    mode=st.sampled_from(["none", "causal", "window", "causal-window", "right-only", "both"]),
+    mode=st.sampled_from(BAND_MODES),
     left=st.integers(0, 40),
     right=st.integers(0, 40),
     seed=st.integers(0, 2**16),
@@ -52,9 +54,7 @@ def test_band_limited_lists_keep_exactly_the_blocks_the_band_reaches(B, H, Tq, T
     # scramble the unused tail of each row: only the first num entries may matter
     idx = torch.where(torch.arange(nk) < num[..., None], idx, torch.randint(0, nk, idx.shape, generator=gen,
                                                                            dtype=torch.int32))
-    causal = mode in ("causal", "causal-window")
-    wl = left if mode in ("window", "causal-window", "both") else -1
-    wr = right if mode in ("right-only", "both") else -1
+    causal, wl, wr = band_args(mode, left, right)
     got_num, got_idx = band_limited_lists(num, idx, Tq, Tk, (bq, bk), causal=causal, window_left=wl, window_right=wr)
     assert got_num.dtype == num.dtype and got_idx.dtype == idx.dtype and got_idx.shape == idx.shape
 

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from attnzoo.ops.moh.packing import key_tile_row_ranges, pack_active_rows
 
+from bands import BAND_MODES, band_args
+
 
 def brute_force_ranges(rows, counts, Tq, Tk, block_n, causal, window_left, window_right):
     """[B, H, n_tiles, 2]: for each key tile, the packed indices of the rows whose causal/window band
@@ -43,7 +45,7 @@ def brute_force_ranges(rows, counts, Tq, Tk, block_n, causal, window_left, windo
     extra_k=st.integers(0, 20),
     block_n=st.sampled_from([1, 7, 16, 64]),
     frac=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
-    mode=st.sampled_from(["none", "causal", "window", "causal-window", "right-only", "both"]),
+    mode=st.sampled_from(BAND_MODES),
     left=st.integers(0, 20),
     right=st.integers(0, 20),
     seed=st.integers(0, 2**16),
@@ -52,9 +54,7 @@ def test_key_tile_row_ranges_match_brute_force(B, H, Tq, extra_k, block_n, frac,
     Tk = Tq + extra_k
     gen = torch.Generator().manual_seed(seed)
     gates = torch.rand(B, Tq, H, generator=gen).masked_fill(torch.rand(B, Tq, H, generator=gen) >= frac, 0.0)
-    causal = mode in ("causal", "causal-window")
-    wl = left if mode in ("window", "causal-window", "both") else -1
-    wr = right if mode in ("right-only", "both") else -1
+    causal, wl, wr = band_args(mode, left, right)
     p = pack_active_rows(gates, 16)
     got = key_tile_row_ranges(p.rows, p.counts, Tq, Tk, block_n, causal=causal, window_left=wl, window_right=wr)
     want = brute_force_ranges(p.rows, p.counts, Tq, Tk, block_n, causal, wl, wr)
