@@ -1,7 +1,7 @@
 """MoH attention's "torch" backend (SPEC §3: only active (token, head) rows are computed) against the
 reference: outputs and the gradients of q, k, v and the gates by the accuracy rule (SPEC §0); chunks of
-8 packed rows on both paths (masked chunks; CPU flash prefix + band), heads active on every token as plain
-attention. Inactive gates get no gradient; an all-inactive call keeps its inputs in the graph.
+a few packed rows on both paths (masked chunks of 8 rows; CPU flash prefix + band in chunks of 4-token
+blocks), heads active on every token as plain attention. Inactive gates get no gradient; an all-inactive call keeps its inputs in the graph.
 """
 
 import pytest
@@ -22,7 +22,9 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" els
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(TB, "CHUNK", 8)
-    monkeypatch.setattr(TB, "FLASH_CHUNK", 8)
+    monkeypatch.setattr(TB, "BAND", 4)  # flash path: blocks of 4 tokens, chunks of >= 6 rows or 12 tokens
+    monkeypatch.setattr(TB, "FLASH_MIN_ROWS", 6)
+    monkeypatch.setattr(TB, "FLASH_MAX_SPAN", 12)
 
 
 def _check_against_reference(q, k, v, gates, do, dtype, **kw):
@@ -120,3 +122,33 @@ def test_prefix_band_path(b, tq, extra, g, frac, dtype, seed):
                         torch.zeros(b, tq, H, device=DEV)).to(dtype)
     do = torch.randn(b, tq, H, 16, device=DEV)
     _check_against_reference(q, k, v, gates, do, dtype, causal=True)
+
+
+@settings(max_examples=50, deadline=None)
+@given(tq=st.integers(1, 200), per_token=st.integers(1, 4), density=st.floats(0.02, 1.0), offset=st.integers(0, 9),
+       seed=st.integers(0, 9999))
+def test_causal_plan_and_band_masks(tq, per_token, density, offset, seed):
+    """The CPU flash path's chunks cover the packed rows in order, break only at block boundaries (so rows of
+    one token stay together), stay within the span limit and hold ``FLASH_MIN_ROWS`` unless the span limit or
+    the end closed them; ``split`` / ``hi`` are the first / last row's diagonal; the gathered band masks equal
+    the direct comparison ``key > row's diagonal``."""
+    g = torch.Generator().manual_seed(seed)
+    act = torch.rand(tq, per_token, generator=g) < density
+    act[torch.randint(0, tq, (1,), generator=g)] = True  # at least one row
+    pos = act.reshape(-1).nonzero()[:, 0] // per_token
+    plan = TB._causal_plan(pos, offset)
+    assert plan[0][0] == 0 and plan[-1][1] == pos.shape[0]
+    for (r0, r1, split, hi), nxt in zip(plan, plan[1:] + [None]):
+        assert r1 > r0 and (nxt is None or nxt[0] == r1)
+        first, last = int(pos[r0]), int(pos[r1 - 1])
+        assert (split, hi) == (first + offset, last + offset + 1)
+        assert last // TB.BAND - first // TB.BAND < TB.FLASH_MAX_SPAN // TB.BAND
+        if nxt is not None:
+            assert int(pos[r1]) // TB.BAND > last // TB.BAND  # a block is never cut
+            span_full = (int(pos[r1]) // TB.BAND - first // TB.BAND) * TB.BAND >= TB.FLASH_MAX_SPAN
+            assert r1 - r0 >= TB.FLASH_MIN_ROWS or span_full
+    last_key = pos + offset
+    for (r0, r1, split, hi), mask in zip(plan, TB._band_masks(last_key, plan, torch.float32)):
+        j = torch.arange(split, hi)
+        want = torch.where(j[None, :] > last_key[r0:r1, None], float("-inf"), 0.0)
+        assert torch.equal(mask[0, 0], want)

@@ -2,16 +2,18 @@
 cost follows the active fraction; any device.
 
 Per (batch, kv head): a query head active on every token (a shared head) is plain attention (the torch
-attention backend: SDPA ``is_causal``). The active rows of the group's other heads are packed in position
-order (one ``nonzero``, a host sync), run as the queries of one attention over the group's dense K/V,
-scaled by their gates and scattered back; inactive rows are 0 and their gates get no gradient.
+attention backend: SDPA ``is_causal``). The active rows of the group's other heads are gathered in position
+order (one ``nonzero``, a host sync) and run as the queries of one attention over the group's dense K/V.
+Every computed row is scaled by its gate and all land in the output with one ``index_copy``; inactive rows
+are 0 and their gates get no gradient.
 
 - No mask at all (not causal, no window, no padding): one SDPA call over the packed rows.
-- Causal on CPU (no window / padding, ``Tk >= Tq``): :class:`_CausalPackedRows`, chunks of packed rows whose
-  keys split into a prefix every row of the chunk sees (PyTorch's CPU flash kernel, unmasked) and a narrow
-  masked band, merged by lse; its backward runs the flash backward per part with the merged output and lse.
-  PyTorch's CPU flash kernel with a mask costs a few times per element what it costs without one, so only
-  the band pays that.
+- Causal on CPU (no window / padding, ``Tk >= Tq``): :class:`_CausalPackedRows`. Chunks of the packed rows of
+  ``BAND``-token blocks; a chunk's keys split into a prefix every row of the chunk sees (PyTorch's CPU flash
+  kernel, unmasked) and a band at most the chunk's span wide (the same kernel with an additive mask gathered
+  from one staircase), merged by lse chunk by chunk; the backward runs the flash backward per part with the
+  merged output and lse. Chunks by token span keep the masked band narrow at any fraction of active rows
+  (by rows, a band of 512 rows at 25% active spanned 512 tokens: 35% extra work).
 - Anything else (window, key padding, other devices): chunks of packed rows, each over just the keys its
   rows may see with a per-row mask tested against each row's original position; checkpointed under
   autograd so the backward holds one chunk's mask at a time.
@@ -34,7 +36,11 @@ from attnzoo.ops.attention.torch_backend import (FLOAT_DTYPES, _zero_excluded, a
 from attnzoo.ops.validate import default_scale
 
 CHUNK = 256  # packed rows per chunk of the masked path
-FLASH_CHUNK = 512  # packed rows per chunk of the CPU flash path (band width ~ FLASH_CHUNK / rows per token)
+# CPU flash path: a chunk holds the packed rows of BAND consecutive tokens, blocks merging until a chunk holds
+# FLASH_MIN_ROWS rows or spans FLASH_MAX_SPAN tokens; its masked band is at most that span wide
+BAND = 128
+FLASH_MIN_ROWS = 128
+FLASH_MAX_SPAN = 1024
 
 
 def _supports(q, k, v, gates, **_) -> List[str]:
@@ -85,11 +91,15 @@ def _flash_backward(do, q, k, v, o, lse, scale: float, mask):
         do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
 
 
-def _band_mask(last: torch.Tensor, split: int, hi: int, dtype) -> torch.Tensor:
-    """Additive ``[1, 1, n, hi - split]`` mask of rows whose last visible key is ``last [n]`` over keys
-    ``[split, hi)``."""
-    j = torch.arange(split, hi, device=last.device)
-    return torch.where(j[None, :] > last[:, None], float("-inf"), 0.0).to(dtype)[None, None]
+def _band_masks(last: torch.Tensor, plan, dtype):
+    """The additive ``[1, 1, r1 - r0, hi - split]`` masks of the plan's bands (rows whose last visible key is
+    ``last [n]``): rows of one ``-inf`` staircase ``tri[i, j] = -inf if j > i``, gathered by
+    ``last - split`` (a copy per element, where comparing and selecting costs half a flash call's)."""
+    width = max(hi - split for _, _, split, hi in plan)
+    j = torch.arange(width, device=last.device)
+    tri = torch.zeros(width, width, dtype=dtype, device=last.device).masked_fill_(j[None, :] > j[:, None],
+                                                                                  float("-inf"))
+    return [tri[:, : hi - split].index_select(0, last[r0:r1] - split)[None, None] for r0, r1, split, hi in plan]
 
 
 class _CausalPackedRows(torch.autograd.Function):
@@ -97,30 +107,30 @@ class _CausalPackedRows(torch.autograd.Function):
     ``k, v [1, 1, Tk, D]`` (``Tk >= Tq``), on CPU. Rows go in chunks ``plan = [(r0, r1, split, hi)]``: keys
     ``[0, split)`` (``split`` = the chunk's first row's diagonal) are visible to every row of the chunk and run
     through the flash kernel *unmasked*; keys ``[split, hi)`` form a band as wide as the chunk's span of
-    positions, masked. The two softmaxes merge by their lse (once, over all rows). The backward runs the
-    flash backward on each part with the merged output and lse (:func:`_flash_backward`). So the mask --
-    a few times the cost per element of the unmasked kernel on CPU -- covers only the narrow band, in
-    training as in inference, and memory is O(chunk x band)."""
+    positions, masked. The two softmaxes merge by their lse, chunk by chunk. The backward runs the flash
+    backward on each part with the merged output and lse (:func:`_flash_backward`). So the mask (the
+    kernel with one costs ~5% more per element, building a mask with comparisons ~50% more) covers only the
+    narrow band, in training as in inference, and memory is O(chunk x band)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos, offset: int, scale: float, plan):
         last = pos + offset  # each row's last visible key
-        band = [_flash(q[:, :, r0:r1], k[:, :, split:hi], v[:, :, split:hi], scale,
-                       _band_mask(last[r0:r1], split, hi, q.dtype)) for r0, r1, split, hi in plan]
-        out, lse = torch.cat([o for o, _ in band], dim=2), torch.cat([x for _, x in band], dim=2)
-        # every row sees its chunk's first band key, so the band lse is finite; splits ascend, so the chunks
-        # with a prefix (split > 0) hold the rows [rp, n)
-        prefix = [(r0, r1, split) for r0, r1, split, _ in plan if split > 0]
-        if prefix:
-            rp = prefix[0][0]
-            parts = [_flash(q[:, :, r0:r1], k[:, :, :split], v[:, :, :split], scale, None) for r0, r1, split in prefix]
-            o1, lse1 = torch.cat([o for o, _ in parts], dim=2), torch.cat([x for _, x in parts], dim=2)
-            lse2 = lse[:, :, rp:]
-            merged = torch.logaddexp(lse2, lse1)
-            ct = merged.dtype  # fp32 (fp64 for fp64 inputs)
-            out[:, :, rp:] = (out[:, :, rp:].to(ct) * torch.exp(lse2 - merged)[..., None]
-                              + o1.to(ct) * torch.exp(lse1 - merged)[..., None]).to(q.dtype)
-            lse[:, :, rp:] = merged
+        n, Dv = q.shape[2], v.shape[-1]
+        out = q.new_empty(1, 1, n, Dv)
+        lse = q.new_empty(1, 1, n, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        for (r0, r1, split, hi), mask in zip(plan, _band_masks(last, plan, q.dtype)):
+            o_band, lse_band = _flash(q[:, :, r0:r1], k[:, :, split:hi], v[:, :, split:hi], scale, mask)
+            if split == 0:
+                out[:, :, r0:r1], lse[:, :, r0:r1] = o_band, lse_band
+                continue
+            # every row sees its chunk's first band key, so the band lse is finite; the two softmaxes merge
+            # by their lse here, chunk by chunk, while the parts are still in cache
+            o_pre, lse_pre = _flash(q[:, :, r0:r1], k[:, :, :split], v[:, :, :split], scale, None)
+            merged = torch.logaddexp(lse_band, lse_pre)
+            ct = merged.dtype
+            o = o_band.to(ct).mul_(torch.exp(lse_band - merged)[..., None])
+            out[:, :, r0:r1] = o.addcmul_(o_pre.to(ct), torch.exp(lse_pre - merged)[..., None])
+            lse[:, :, r0:r1] = merged
         ctx.save_for_backward(q, k, v, last, out, lse)
         ctx.scale, ctx.plan = scale, plan
         return out
@@ -133,10 +143,9 @@ class _CausalPackedRows(torch.autograd.Function):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # dk, dv sum over chunks
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-        for r0, r1, split, hi in ctx.plan:
+        for (r0, r1, split, hi), mask in zip(ctx.plan, _band_masks(last, ctx.plan, q.dtype)):
             rows = (dout[:, :, r0:r1], q[:, :, r0:r1])
             state = (out[:, :, r0:r1], lse[:, :, r0:r1])
-            mask = _band_mask(last[r0:r1], split, hi, q.dtype)
             gq, gk, gv = _flash_backward(*rows, k[:, :, split:hi], v[:, :, split:hi], *state, ctx.scale, mask)
             dk[:, :, split:hi] += gk
             dv[:, :, split:hi] += gv
@@ -159,12 +168,25 @@ def _chunk_ends(pos: torch.Tensor, chunk: int):
 
 
 def _causal_plan(pos: torch.Tensor, offset: int):
-    """``[(r0, r1, split, hi)]`` of :class:`_CausalPackedRows`: chunks of ``FLASH_CHUNK`` rows, ``split`` the
-    first row's diagonal, ``hi`` one past the last row's."""
-    firsts, lasts = _chunk_ends(pos, FLASH_CHUNK)
+    """``[(r0, r1, split, hi)]`` of :class:`_CausalPackedRows`: chunks of the rows of consecutive ``BAND``-token
+    blocks, a block joining the chunk before it while that holds under ``FLASH_MIN_ROWS`` rows and spans
+    under ``FLASH_MAX_SPAN`` tokens; ``split`` the chunk's first row's diagonal, ``hi`` one past its last
+    row's. So the masked band is at most a chunk's span wide whatever the fraction of active rows, and a
+    chunk has rows enough to keep the flash kernel efficient (one host read of ``T / BAND`` row bounds)."""
     n = pos.shape[0]
-    return [(r0, min(n, r0 + FLASH_CHUNK), firsts[c] + offset, lasts[c] + offset + 1)
-            for c, r0 in enumerate(range(0, n, FLASH_CHUNK))]
+    first = int(pos[0]) // BAND * BAND
+    starts = torch.arange(first, int(pos[-1]) + 1, BAND, device=pos.device)
+    bounds = torch.searchsorted(pos, starts).tolist() + [n]  # rows of block b: [bounds[b], bounds[b + 1])
+    ranges, r0, b0 = [], 0, 0
+    for b in range(1, len(bounds)):
+        r1 = bounds[b]
+        if r1 == r0:  # no row yet: the chunk starts at the next block
+            b0 = b
+        elif r1 == n or r1 - r0 >= FLASH_MIN_ROWS or (b - b0) * BAND >= FLASH_MAX_SPAN:
+            ranges.append((r0, r1))
+            r0, b0 = r1, b
+    ends = pos[torch.tensor([i for r in ranges for i in (r[0], r[1] - 1)], device=pos.device)].tolist()
+    return [(r0, r1, ends[2 * c] + offset, ends[2 * c + 1] + offset + 1) for c, (r0, r1) in enumerate(ranges)]
 
 
 def _masked_rows(qa, kg, vg, pos_all, kpm_b, offset: int, causal: bool, window, scale: float, grad: bool):
@@ -203,27 +225,22 @@ def _masked_rows(qa, kg, vg, pos_all, kpm_b, offset: int, causal: bool, window, 
     return torch.cat(outs, dim=2)[0, 0]
 
 
-def _packed_heads(qs, act, kg, vg, kpm_b, offset: int, causal: bool, window, scale: float, grad: bool):
-    """The active rows of some query heads of one kv group: ``qs [Tq, n_heads, D]``, ``act [Tq, n_heads]``
-    bool, ``kg, vg [1, Tk, 1, D]`` -> ``[Tq, n_heads, Dv]`` (inactive rows 0). Rows are packed in position
-    order (row ``t * n_heads + j``: token t, head j) and run as the queries of one attention."""
-    Tq, nh, D = qs.shape
-    Dv = vg.shape[-1]
-    idx = act.reshape(-1).nonzero()[:, 0]  # ascending: position order
-    if idx.shape[0] == 0:
-        return qs.new_zeros(Tq, nh, Dv)
-    pos = idx // nh
-    qa = qs.reshape(Tq * nh, D).index_select(0, idx)[None, None]  # [1, 1, n, D]
+def _packed_heads(q_rows, rows, H: int, kg, vg, kpm_b, offset: int, causal: bool, window, scale: float,
+                  grad: bool):
+    """The outputs ``[n, Dv]`` of the (token, head) rows ``rows [n]`` (flat indices ``t * H + h``, ascending:
+    position order) of ``q_rows [Tq * H, D]`` (one batch's queries), all heads of one kv group, over
+    ``kg, vg [1, Tk, 1, D]``: the rows packed and run as the queries of one attention."""
+    D, Dv = q_rows.shape[-1], vg.shape[-1]
+    pos = rows // H
+    qa = q_rows.index_select(0, rows)[None, None]  # [1, 1, n, D]
     kg, vg = kg.permute(0, 2, 1, 3).contiguous(), vg.permute(0, 2, 1, 3).contiguous()  # [1, 1, Tk, D], rows dense
     left, right = window
     if kpm_b is None and left < 0 and right < 0 and not causal:  # every row sees every key
-        o_rows = F.scaled_dot_product_attention(qa, kg, vg, scale=scale)[0, 0]
-    elif kpm_b is None and left < 0 and right < 0 and offset >= 0 and qs.device.type == "cpu" and D == Dv:
-        o_rows = _CausalPackedRows.apply(qa, kg, vg, pos, offset, scale, _causal_plan(pos, offset))[0, 0]
-    else:
-        kpm = None if kpm_b is None else kpm_b[0]
-        o_rows = _masked_rows(qa, kg, vg, pos, kpm, offset, causal, window, scale, grad)
-    return qs.new_zeros(Tq * nh, Dv).index_copy(0, idx, o_rows).view(Tq, nh, Dv)
+        return F.scaled_dot_product_attention(qa, kg, vg, scale=scale)[0, 0]
+    if kpm_b is None and left < 0 and right < 0 and offset >= 0 and q_rows.device.type == "cpu" and D == Dv:
+        return _CausalPackedRows.apply(qa, kg, vg, pos, offset, scale, _causal_plan(pos, offset))[0, 0]
+    kpm = None if kpm_b is None else kpm_b[0]
+    return _masked_rows(qa, kg, vg, pos, kpm, offset, causal, window, scale, grad)
 
 
 @backends.register("moh_attention", "torch", priority=5, supports=_supports)
@@ -247,27 +264,37 @@ def moh_attention_torch(q, k, v, gates, *, causal=False, scale=None, window=(-1,
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     active = gates != 0  # [B, Tq, H]
     full = active.all(dim=1).tolist()  # [B][H]: a head active on every token is plain attention
-    per_batch = []
+    outs, where = [], []  # outputs [m, Dv] of computed (token, head) rows; their flat indices (b * Tq + t) * H + h
     for b in range(B):
         kpm_b = None if key_padding_mask is None else key_padding_mask[b : b + 1]
-        heads = [None] * H  # [Tq, Dv] per head
+        q_rows = q[b].reshape(Tq * H, D)
         for g in range(Hkv):
             kg, vg = k[b : b + 1, :, g : g + 1], v[b : b + 1, :, g : g + 1]  # [1, Tk, 1, D]
-            for dense, hs in ((True, [h for h in range(g * G, (g + 1) * G) if full[b][h]]),
-                              (False, [h for h in range(g * G, (g + 1) * G) if not full[b][h]])):
-                if not hs:
-                    continue
-                sel = torch.tensor(hs, device=q.device)
-                qs = q[b : b + 1].index_select(2, sel)  # [1, Tq, len(hs), D]
-                if dense:
-                    os_ = attention_torch(qs, kg, vg, causal=causal, scale=scale, window=(left, right),
-                                          key_padding_mask=kpm_b)[0]
-                else:
-                    os_ = _packed_heads(qs[0], active[b].index_select(1, sel), kg, vg, kpm_b, offset, causal,
-                                        (left, right), scale, grad)
-                for i, h in enumerate(hs):
-                    heads[h] = os_[:, i]
-        per_batch.append(torch.stack(heads, dim=1))  # [Tq, H, Dv]
-    o = torch.stack(per_batch, dim=0) + graph_anchor(q, k, v)  # inputs stay in the graph if no row is active
-    # gates: inactive rows are 0 already (and their gates get 0 gradient through o = 0)
-    return o * gates[..., None].to(o.dtype)
+            group = range(g * G, (g + 1) * G)
+            dense = [h for h in group if full[b][h]]
+            if dense:
+                sel = torch.tensor(dense, device=q.device)
+                o_dense = attention_torch(q[b : b + 1].index_select(2, sel), kg, vg, causal=causal, scale=scale,
+                                          window=(left, right), key_padding_mask=kpm_b)[0]  # [Tq, len, Dv]
+                outs.append(o_dense.reshape(-1, o_dense.shape[-1]))
+                where.append((torch.arange(Tq, device=q.device)[:, None] * H + sel[None, :]).reshape(-1) + b * Tq * H)
+            if len(dense) < G:
+                in_group = torch.zeros(H, dtype=torch.bool, device=q.device)
+                in_group[g * G : (g + 1) * G] = True
+                in_group[dense] = False
+                rows = (active[b] & in_group).reshape(-1).nonzero()[:, 0]
+                if rows.shape[0]:
+                    outs.append(_packed_heads(q_rows, rows, H, kg, vg, kpm_b, offset, causal, (left, right), scale,
+                                              grad))
+                    where.append(rows + b * Tq * H)
+    Dv = v.shape[-1]
+    o = q.new_zeros(B * Tq * H, Dv)
+    if not outs:  # no row is active: the inputs stay in the graph (zero gradients), as in the reference
+        return o.view(B, Tq, H, Dv) + graph_anchor(q, k, v, gates)
+    where = torch.cat(where)
+    o_rows = torch.cat(outs)
+    # gates scale the computed rows only; inactive rows stay 0 and their gates get no gradient. The anchor (an
+    # exact 0) keeps q, k, v in the graph where no computed row reached them (a row seeing no key)
+    g_rows = gates.reshape(-1).index_select(0, where) + graph_anchor(q, k, v)
+    o_rows = o_rows * g_rows[:, None].to(o_rows.dtype)
+    return o.index_copy(0, where, o_rows).view(B, Tq, H, Dv)
