@@ -96,13 +96,12 @@ def lightning_chunked(q, k, v, decay: Optional[torch.Tensor], scale: float, init
     qs, ks, vs = q.to(sd), k.to(sd), v.to(sd)
     main = (T // chunk) * chunk
     seg = max(chunk, SEGMENT // chunk * chunk)
+    # segments carry the state like chunks; one pass each over cache-sized data. ``split``, not slicing: the
+    # backward of a slice writes into a zeroed copy of the whole input (segments x T work), split's is one cat
+    sizes = [min(seg, main - a) for a in range(0, main, seg)] + ([T - main] if T > main else [])
     outs = []
-    for a in range(0, main, seg):  # segments carry the state like chunks; one pass each over cache-sized data
-        b = min(main, a + seg)
-        o, S = _chunks(qs[:, a:b], ks[:, a:b], vs[:, a:b], s, scale, S, chunk)
-        outs.append(o)
-    if T > main:
-        o, S = _chunks(qs[:, main:], ks[:, main:], vs[:, main:], s, scale, S, T - main)
+    for qp, kp, vp in zip(*(t.split(sizes, dim=1) for t in (qs, ks, vs))):
+        o, S = _chunks(qp, kp, vp, s, scale, S, min(chunk, qp.shape[1]))
         outs.append(o)
     o = torch.cat(outs, dim=1) if outs else q.new_zeros(B, 0, H, Dv, dtype=sd)
     return o.to(q.dtype), S
@@ -113,11 +112,11 @@ def _lightning_torch(*, q, k, v, decay, scale, initial_state, output_final_state
     if cu_seqlens is None:
         return lightning_chunked(q, k, v, decay, scale, initial_state)
     cu = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
     outs, states = [], []
-    for i in range(len(cu) - 1):
-        a, b = cu[i], cu[i + 1]
+    for i, (q_i, k_i, v_i) in enumerate(zip(*(t.split(lengths, dim=1) for t in (q, k, v)))):  # split: see above
         s0 = None if initial_state is None else initial_state[i : i + 1]
-        o_i, s_i = lightning_chunked(q[:, a:b], k[:, a:b], v[:, a:b], decay, scale, s0)
+        o_i, s_i = lightning_chunked(q_i, k_i, v_i, decay, scale, s0)
         outs.append(o_i)
         states.append(s_i)
     return torch.cat(outs, dim=1), torch.cat(states, dim=0)
