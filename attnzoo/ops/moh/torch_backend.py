@@ -8,12 +8,14 @@ Every computed row is scaled by its gate and all land in the output with one ``i
 are 0 and their gates get no gradient.
 
 - No mask at all (not causal, no window, no padding): one SDPA call over the packed rows.
-- Causal on CPU (no window / padding, ``Tk >= Tq``): :class:`_CausalPackedRows`. Chunks of the packed rows of
-  ``BAND``-token blocks; a chunk's keys split into a prefix every row of the chunk sees (PyTorch's CPU flash
-  kernel, unmasked) and a band at most the chunk's span wide (the same kernel with an additive mask gathered
-  from one staircase), merged by lse chunk by chunk; the backward runs the flash backward per part with the
-  merged output and lse. Chunks by token span keep the masked band narrow at any fraction of active rows
-  (by rows, a band of 512 rows at 25% active spanned 512 tokens: 35% extra work).
+- Causal on CPU (no window / padding, ``Tk >= Tq``): :class:`_CausalStreams`. The packed rows of every
+  (batch, kv head) go side by side, padded to equal counts per chunk, in each call: the CPU flash backward
+  parallelizes over batch x heads only. A chunk holds the rows of a span of ``BAND``-token blocks; its keys
+  split into a prefix every row of the chunk sees (PyTorch's CPU flash kernel, unmasked) and a band at most
+  the span wide (the same kernel with an additive mask gathered from one staircase), merged by lse chunk by
+  chunk; the backward runs the flash backward per part with the merged output and lse. Chunks by token
+  span keep the masked band narrow at any fraction of active rows (by rows, a band of 512 rows at 25%
+  active spanned 512 tokens: 35% extra work).
 - Anything else (window, key padding, other devices): chunks of packed rows, each over just the keys its
   rows may see with a per-row mask tested against each row's original position; checkpointed under
   autograd so the backward holds one chunk's mask at a time.
@@ -23,7 +25,7 @@ Under ``torch.compile`` (no data-dependent sizes in a traced graph) every head i
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ CHUNK = 256  # packed rows per chunk of the masked path
 BAND = 128
 FLASH_MIN_ROWS = 128
 FLASH_MAX_SPAN = 1024
+PAD_LIMIT = 1.25  # streams run side by side unless padding would add more than this factor of rows
 
 
 def _supports(q, k, v, gates, **_) -> List[str]:
@@ -91,61 +94,64 @@ def _flash_backward(do, q, k, v, o, lse, scale: float, mask):
         do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
 
 
-def _band_masks(last: torch.Tensor, plan, dtype):
-    """The additive ``[1, 1, r1 - r0, hi - split]`` masks of the plan's bands (rows whose last visible key is
-    ``last [n]``): rows of one ``-inf`` staircase ``tri[i, j] = -inf if j > i``, gathered by
-    ``last - split`` (a copy per element, where comparing and selecting costs half a flash call's)."""
-    width = max(hi - split for _, _, split, hi in plan)
-    j = torch.arange(width, device=last.device)
-    tri = torch.zeros(width, width, dtype=dtype, device=last.device).masked_fill_(j[None, :] > j[:, None],
-                                                                                  float("-inf"))
-    return [tri[:, : hi - split].index_select(0, last[r0:r1] - split)[None, None] for r0, r1, split, hi in plan]
+def _band_masks(rel: torch.Tensor, chunks, dtype):
+    """The additive ``[1, S, R, hi - split]`` masks of the chunks' bands: rows of one ``-inf`` staircase
+    ``tri[i, j] = -inf if j > i``, gathered by ``rel [S, N]`` (each slot's last visible key minus its chunk's
+    ``split``): a copy per element, where comparing and selecting costs half a flash call's."""
+    width = max(hi - split for _, _, split, hi in chunks)
+    j = torch.arange(width, device=rel.device)
+    tri = torch.zeros(width, width, dtype=dtype, device=rel.device).masked_fill_(j[None, :] > j[:, None],
+                                                                                 float("-inf"))
+    S = rel.shape[0]
+    return [tri[:, : hi - split].index_select(0, rel[:, off : off + R].reshape(-1)).view(1, S, R, hi - split)
+            for off, R, split, hi in chunks]
 
 
-class _CausalPackedRows(torch.autograd.Function):
-    """Causal attention of packed rows ``q [1, 1, n, D]`` at ascending positions ``pos [n]`` over one kv head's
-    ``k, v [1, 1, Tk, D]`` (``Tk >= Tq``), on CPU. Rows go in chunks ``plan = [(r0, r1, split, hi)]``: keys
-    ``[0, split)`` (``split`` = the chunk's first row's diagonal) are visible to every row of the chunk and run
-    through the flash kernel *unmasked*; keys ``[split, hi)`` form a band as wide as the chunk's span of
-    positions, masked. The two softmaxes merge by their lse, chunk by chunk. The backward runs the flash
-    backward on each part with the merged output and lse (:func:`_flash_backward`). So the mask (the
-    kernel with one costs ~5% more per element, building a mask with comparisons ~50% more) covers only the
-    narrow band, in training as in inference, and memory is O(chunk x band)."""
+class _CausalStreams(torch.autograd.Function):
+    """Causal attention on CPU of ``S`` streams of packed rows side by side: ``q [1, S, N, D]`` (stream ``s``:
+    one batch's one kv head's active rows, in position order, then padding) over each stream's own
+    ``k, v [1, S, Tk, D]`` (``Tk >= Tq``). ``chunks = [(off, R, split, hi)]``: slots ``[off, off + R)`` of every
+    stream hold the rows of one span of tokens; keys ``[0, split)`` are visible to all of them and run
+    through PyTorch's flash kernel *unmasked*; keys ``[split, hi)`` form a band as wide as the span, masked
+    by ``rel [S, N]`` (:func:`_band_masks`). The two softmaxes merge by their lse, chunk by chunk, while the
+    parts are in cache. The backward runs the flash backward on each part with the merged output and lse
+    (:func:`_flash_backward`). All streams go in each call because the CPU flash backward parallelizes over
+    batch x heads only; the mask (the kernel costs ~5% more per element with one, building a mask by
+    comparisons ~50% more) covers only the narrow band; memory is O(chunk x band)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pos, offset: int, scale: float, plan):
-        last = pos + offset  # each row's last visible key
-        n, Dv = q.shape[2], v.shape[-1]
-        out = q.new_empty(1, 1, n, Dv)
-        lse = q.new_empty(1, 1, n, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        for (r0, r1, split, hi), mask in zip(plan, _band_masks(last, plan, q.dtype)):
-            o_band, lse_band = _flash(q[:, :, r0:r1], k[:, :, split:hi], v[:, :, split:hi], scale, mask)
+    def forward(ctx, q, k, v, rel, scale: float, chunks):
+        S, N, Dv = q.shape[1], q.shape[2], v.shape[-1]
+        out = q.new_empty(1, S, N, Dv)
+        lse = q.new_empty(1, S, N, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        for (off, R, split, hi), mask in zip(chunks, _band_masks(rel, chunks, q.dtype)):
+            qc = q[:, :, off : off + R]
+            o_band, lse_band = _flash(qc, k[:, :, split:hi], v[:, :, split:hi], scale, mask)
             if split == 0:
-                out[:, :, r0:r1], lse[:, :, r0:r1] = o_band, lse_band
+                out[:, :, off : off + R], lse[:, :, off : off + R] = o_band, lse_band
                 continue
-            # every row sees its chunk's first band key, so the band lse is finite; the two softmaxes merge
-            # by their lse here, chunk by chunk, while the parts are still in cache
-            o_pre, lse_pre = _flash(q[:, :, r0:r1], k[:, :, :split], v[:, :, :split], scale, None)
+            # every slot sees its chunk's first band key, so the band lse is finite
+            o_pre, lse_pre = _flash(qc, k[:, :, :split], v[:, :, :split], scale, None)
             merged = torch.logaddexp(lse_band, lse_pre)
             ct = merged.dtype
             o = o_band.to(ct).mul_(torch.exp(lse_band - merged)[..., None])
-            out[:, :, r0:r1] = o.addcmul_(o_pre.to(ct), torch.exp(lse_pre - merged)[..., None])
-            lse[:, :, r0:r1] = merged
-        ctx.save_for_backward(q, k, v, last, out, lse)
-        ctx.scale, ctx.plan = scale, plan
+            out[:, :, off : off + R] = o.addcmul_(o_pre.to(ct), torch.exp(lse_pre - merged)[..., None])
+            lse[:, :, off : off + R] = merged
+        ctx.save_for_backward(q, k, v, rel, out, lse)
+        ctx.scale, ctx.chunks = scale, chunks
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v, last, out, lse = ctx.saved_tensors
+        q, k, v, rel, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # dk, dv sum over chunks
         dq = torch.empty_like(q)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-        for (r0, r1, split, hi), mask in zip(ctx.plan, _band_masks(last, ctx.plan, q.dtype)):
-            rows = (dout[:, :, r0:r1], q[:, :, r0:r1])
-            state = (out[:, :, r0:r1], lse[:, :, r0:r1])
+        for (off, R, split, hi), mask in zip(ctx.chunks, _band_masks(rel, ctx.chunks, q.dtype)):
+            rows = (dout[:, :, off : off + R], q[:, :, off : off + R])
+            state = (out[:, :, off : off + R], lse[:, :, off : off + R])
             gq, gk, gv = _flash_backward(*rows, k[:, :, split:hi], v[:, :, split:hi], *state, ctx.scale, mask)
             dk[:, :, split:hi] += gk
             dv[:, :, split:hi] += gv
@@ -154,8 +160,88 @@ class _CausalPackedRows(torch.autograd.Function):
                 gq += gq1
                 dk[:, :, :split] += gk1
                 dv[:, :, :split] += gv1
-            dq[:, :, r0:r1] = gq
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+            dq[:, :, off : off + R] = gq
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class _StreamPlan(NamedTuple):
+    chunks: list  # [(off, R, split, hi)]: slots [off, off + R) of every stream, keys [0, split) + band [split, hi)
+    src: torch.Tensor  # [S, N] int64: the stream's packed row in each slot (0 in padding)
+    valid: torch.Tensor  # [S, N] bool: the slot holds a row
+    rel: torch.Tensor  # [S, N] int64: the slot's last visible key minus its chunk's split (padding: all the band)
+
+
+def _stream_plan(pos_list: List[torch.Tensor], offset: int) -> _StreamPlan:
+    """The chunks of :class:`_CausalStreams` for streams of packed rows at ascending positions ``pos_list[s]``:
+    tokens go in blocks of ``BAND``; a block joins the chunk before it while no stream has
+    ``FLASH_MIN_ROWS`` rows in that chunk and it spans under ``FLASH_MAX_SPAN`` tokens. A chunk gives every
+    stream ``R`` slots, its most rows; ``split`` / ``hi`` are the diagonals of the chunk's first and one past its
+    last row. So the band is at most a chunk's span wide whatever the fraction of active rows, and a chunk
+    has rows enough to keep the flash kernel efficient (host reads: ``S x T / BAND`` row bounds)."""
+    dev = pos_list[0].device
+    ends = torch.stack([torch.stack([p[0], p[-1]]) for p in pos_list]).tolist()
+    first = min(e[0] for e in ends) // BAND * BAND
+    starts = torch.arange(first, max(e[1] for e in ends) + 1, BAND, device=dev)
+    counts = torch.tensor([p.shape[0] for p in pos_list], device=dev)
+    bounds = torch.cat([torch.stack([torch.searchsorted(p, starts) for p in pos_list]), counts[:, None]], dim=1)
+    bl = bounds.tolist()  # rows of stream s in block b: [bl[s][b], bl[s][b + 1])
+    spans, b0 = [], 0
+    for b in range(1, len(bl[0])):
+        most = max(row[b] - row[b0] for row in bl)
+        if most == 0:  # no row yet: the chunk starts at the next block
+            b0 = b
+        elif b == len(bl[0]) - 1 or most >= FLASH_MIN_ROWS or (b - b0) * BAND >= FLASH_MAX_SPAN:
+            spans.append((b0, b))
+            b0 = b
+    b_lo = torch.tensor([x for x, _ in spans], device=dev)
+    b_hi = torch.tensor([y for _, y in spans], device=dev)
+    row0, n_sc = bounds[:, b_lo], bounds[:, b_hi] - bounds[:, b_lo]  # [S, C]
+    # the chunk's first and last row positions over the streams that have rows in it
+    n_max = max(p.shape[0] for p in pos_list)
+    pos_pad = torch.stack([torch.cat([p, p.new_zeros(n_max - p.shape[0])]) for p in pos_list])  # [S, n_max]
+    has = n_sc > 0
+    big = torch.iinfo(torch.int64).max
+    p_first = torch.where(has, pos_pad.gather(1, row0.clamp(max=n_max - 1)), big).amin(0)
+    p_last = torch.where(has, pos_pad.gather(1, (row0 + n_sc - 1).clamp(min=0)), -1).amax(0)
+    R = n_sc.amax(0)  # [C] slots per chunk
+    R_l, first_l, last_l = R.tolist(), p_first.tolist(), p_last.tolist()
+    offs = [0]
+    for r in R_l:
+        offs.append(offs[-1] + r)
+    chunks = [(offs[c], R_l[c], first_l[c] + offset, last_l[c] + offset + 1) for c in range(len(R_l))]
+    chunk_of = torch.repeat_interleave(torch.arange(len(R_l), device=dev), R)  # [N]
+    local = torch.arange(offs[-1], device=dev) - torch.tensor(offs[:-1], device=dev)[chunk_of]
+    valid = local[None, :] < n_sc[:, chunk_of]
+    src = torch.where(valid, row0[:, chunk_of] + local[None, :], 0)
+    width = (p_last - p_first)[chunk_of]  # the band's width - 1
+    rel = torch.where(valid, pos_pad.gather(1, src) - p_first[chunk_of], width)
+    return _StreamPlan(chunks, src, valid, rel)
+
+
+def _causal_streams(q, k, v, streams, offset: int, scale: float):
+    """Causal attention on CPU of ``streams = [(b, g, rows)]`` (``rows``: flat indices ``t * H + h`` of batch b's
+    active rows of kv head g's non-shared heads, ascending) through :class:`_CausalStreams`.
+    ``(outputs [m, Dv], their flat indices (b * Tq + t) * H + h)``. Streams of very unequal sizes would pad
+    too much: then each runs on its own."""
+    B, Tq, H, D = q.shape
+    pos_list = [rows // H for _, _, rows in streams]
+    plan = _stream_plan(pos_list, offset)
+    S, N = plan.src.shape
+    if S > 1 and S * N > PAD_LIMIT * sum(p.shape[0] for p in pos_list):
+        parts = [_causal_streams(q, k, v, [st], offset, scale) for st in streams]
+        return torch.cat([o for o, _ in parts]), torch.cat([w for _, w in parts])
+    n_max = max(p.shape[0] for p in pos_list)
+    flat = torch.stack([torch.cat([rows + b * Tq * H, rows.new_zeros(n_max - rows.shape[0])])
+                        for b, _, rows in streams]).gather(1, plan.src)  # [S, N] rows of q.view(-1, D)
+    # padding slots repeat the stream's first row (src 0): finite where the rows are, and their outputs and
+    # zero output gradients are dropped
+    q_pad = q.reshape(-1, D).index_select(0, flat.reshape(-1)).view(S, N, D)
+    bs = torch.tensor([b for b, _, _ in streams], device=q.device)
+    gs = torch.tensor([g for _, g, _ in streams], device=q.device)
+    k_s, v_s = k.permute(0, 2, 1, 3)[bs, gs], v.permute(0, 2, 1, 3)[bs, gs]  # [S, Tk, D], dense rows
+    o = _CausalStreams.apply(q_pad[None], k_s[None], v_s[None], plan.rel, scale, plan.chunks)[0]
+    keep = plan.valid.reshape(-1)
+    return o.reshape(S * N, -1)[keep], flat.reshape(-1)[keep]
 
 
 def _chunk_ends(pos: torch.Tensor, chunk: int):
@@ -165,28 +251,6 @@ def _chunk_ends(pos: torch.Tensor, chunk: int):
     nc = -(-n // chunk)
     both = torch.cat([pos[::chunk], pos[chunk - 1 :: chunk], pos[-1:]]).tolist()
     return both[:nc], both[nc : 2 * nc]
-
-
-def _causal_plan(pos: torch.Tensor, offset: int):
-    """``[(r0, r1, split, hi)]`` of :class:`_CausalPackedRows`: chunks of the rows of consecutive ``BAND``-token
-    blocks, a block joining the chunk before it while that holds under ``FLASH_MIN_ROWS`` rows and spans
-    under ``FLASH_MAX_SPAN`` tokens; ``split`` the chunk's first row's diagonal, ``hi`` one past its last
-    row's. So the masked band is at most a chunk's span wide whatever the fraction of active rows, and a
-    chunk has rows enough to keep the flash kernel efficient (one host read of ``T / BAND`` row bounds)."""
-    n = pos.shape[0]
-    first = int(pos[0]) // BAND * BAND
-    starts = torch.arange(first, int(pos[-1]) + 1, BAND, device=pos.device)
-    bounds = torch.searchsorted(pos, starts).tolist() + [n]  # rows of block b: [bounds[b], bounds[b + 1])
-    ranges, r0, b0 = [], 0, 0
-    for b in range(1, len(bounds)):
-        r1 = bounds[b]
-        if r1 == r0:  # no row yet: the chunk starts at the next block
-            b0 = b
-        elif r1 == n or r1 - r0 >= FLASH_MIN_ROWS or (b - b0) * BAND >= FLASH_MAX_SPAN:
-            ranges.append((r0, r1))
-            r0, b0 = r1, b
-    ends = pos[torch.tensor([i for r in ranges for i in (r[0], r[1] - 1)], device=pos.device)].tolist()
-    return [(r0, r1, ends[2 * c] + offset, ends[2 * c + 1] + offset + 1) for c, (r0, r1) in enumerate(ranges)]
 
 
 def _masked_rows(qa, kg, vg, pos_all, kpm_b, offset: int, causal: bool, window, scale: float, grad: bool):
@@ -230,15 +294,12 @@ def _packed_heads(q_rows, rows, H: int, kg, vg, kpm_b, offset: int, causal: bool
     """The outputs ``[n, Dv]`` of the (token, head) rows ``rows [n]`` (flat indices ``t * H + h``, ascending:
     position order) of ``q_rows [Tq * H, D]`` (one batch's queries), all heads of one kv group, over
     ``kg, vg [1, Tk, 1, D]``: the rows packed and run as the queries of one attention."""
-    D, Dv = q_rows.shape[-1], vg.shape[-1]
     pos = rows // H
     qa = q_rows.index_select(0, rows)[None, None]  # [1, 1, n, D]
     kg, vg = kg.permute(0, 2, 1, 3).contiguous(), vg.permute(0, 2, 1, 3).contiguous()  # [1, 1, Tk, D], rows dense
     left, right = window
     if kpm_b is None and left < 0 and right < 0 and not causal:  # every row sees every key
         return F.scaled_dot_product_attention(qa, kg, vg, scale=scale)[0, 0]
-    if kpm_b is None and left < 0 and right < 0 and offset >= 0 and q_rows.device.type == "cpu" and D == Dv:
-        return _CausalPackedRows.apply(qa, kg, vg, pos, offset, scale, _causal_plan(pos, offset))[0, 0]
     kpm = None if kpm_b is None else kpm_b[0]
     return _masked_rows(qa, kg, vg, pos, kpm, offset, causal, window, scale, grad)
 
@@ -265,6 +326,10 @@ def moh_attention_torch(q, k, v, gates, *, causal=False, scale=None, window=(-1,
     active = gates != 0  # [B, Tq, H]
     full = active.all(dim=1).tolist()  # [B][H]: a head active on every token is plain attention
     outs, where = [], []  # outputs [m, Dv] of computed (token, head) rows; their flat indices (b * Tq + t) * H + h
+    # causal packed rows on CPU: every (batch, kv head) stream goes through the flash kernel together, at the end
+    cpu_flash = (causal and key_padding_mask is None and left < 0 and right < 0 and offset >= 0
+                 and q.device.type == "cpu" and D == v.shape[-1])
+    streams = []
     for b in range(B):
         kpm_b = None if key_padding_mask is None else key_padding_mask[b : b + 1]
         q_rows = q[b].reshape(Tq * H, D)
@@ -283,10 +348,16 @@ def moh_attention_torch(q, k, v, gates, *, causal=False, scale=None, window=(-1,
                 in_group[g * G : (g + 1) * G] = True
                 in_group[dense] = False
                 rows = (active[b] & in_group).reshape(-1).nonzero()[:, 0]
-                if rows.shape[0]:
+                if rows.shape[0] and cpu_flash:
+                    streams.append((b, g, rows))
+                elif rows.shape[0]:
                     outs.append(_packed_heads(q_rows, rows, H, kg, vg, kpm_b, offset, causal, (left, right), scale,
                                               grad))
                     where.append(rows + b * Tq * H)
+    if streams:
+        o_streams, where_streams = _causal_streams(q, k, v, streams, offset, scale)
+        outs.append(o_streams)
+        where.append(where_streams)
     Dv = v.shape[-1]
     o = q.new_zeros(B * Tq * H, Dv)
     if not outs:  # no row is active: the inputs stay in the graph (zero gradients), as in the reference
