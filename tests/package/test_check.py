@@ -1,5 +1,5 @@
-"""``attnzoo check``: every row passes here, the torch backend is checked, the table carries a legend, and without a terminal the
-progress is one flushed line per row (log-friendly)."""
+"""``attnzoo check``: every row passes here, the torch backend is checked, the table carries a legend, and
+without a terminal the progress is one flushed line per row (log-friendly)."""
 
 from attnzoo import check
 
