@@ -1,0 +1,50 @@
+"""The padded per-row side tables the backward kernels read a tile of rows from with one aligned load
+(``triton_common.row_table``; attention dK/dV's ``triton_bwd.row_table``; MoH dK/dV's
+``triton_moh.packed_row_table``; DMA's tables are checked in tests/dma/test_dma_visits.py): each holds
+exactly the unpacked values it stands for, padded so that every tile a kernel reads stays inside."""
+
+import pytest
+import torch
+
+from attnzoo import backends
+from attnzoo.ops import triton_common as TC
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(bool(backends.triton_device_reasons(torch.device(DEV))),
+                                  reason="Triton cannot run here")
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+def test_row_table_layout_and_padding():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 37, generator=g)
+    b = torch.randint(-5, 100, (2, 3, 37), generator=g, dtype=torch.int32)
+    c = torch.randn(2, 3, 37, generator=g).half()
+    t = TC.row_table([a, b, c], [1.5, -1, 0.0])
+    assert t.shape == (2, 3, TC.ROW_PAD, 4) and t.dtype == torch.float32
+    assert torch.equal(t[..., :37, 0], a)
+    assert torch.equal(_bits(t[..., :37, 1]), b)  # integers travel as their bits
+    assert torch.equal(t[..., :37, 2], c.float())
+    assert (t[..., 37:, 0] == 1.5).all() and (_bits(t[..., 37:, 1]) == -1).all() and (t[..., 37:, 2] == 0).all()
+    assert (t[..., 3] == 0).all()  # the unused fourth column
+
+    # two columns: 8-byte rows; a None column is zeros; ``extra`` rows past the end stay inside the table
+    t2 = TC.row_table([a, None], [0.0, 0.0], extra=TC.ROW_PAD)
+    assert t2.shape == (2, 3, 2 * TC.ROW_PAD, 2)
+    assert torch.equal(t2[..., :37, 0], a) and (t2[..., 1] == 0).all()
+    exact = torch.randn(1, TC.ROW_PAD, generator=g)
+    assert TC.row_table([exact], [0.0]).shape == (1, TC.ROW_PAD, 2)
+    assert TC.row_table([exact], [0.0], extra=1).shape == (1, 2 * TC.ROW_PAD, 2)
+    assert TC.row_table([torch.zeros(4, 0)], [0.0]).shape == (4, TC.ROW_PAD, 2)
+
+
+def test_row_table_rejects_bad_columns():
+    with pytest.raises(ValueError, match="share one shape"):
+        TC.row_table([torch.zeros(2, 5), torch.zeros(2, 6)], [0.0, 0.0])
+    with pytest.raises(ValueError, match="1 to 4 columns"):
+        TC.row_table([torch.zeros(5)] * 5, [0.0] * 5)
+    with pytest.raises(ValueError, match="1 to 4 columns"):
+        TC.row_table([torch.zeros(5)], [0.0, 0.0])
