@@ -48,3 +48,29 @@ def test_row_table_rejects_bad_columns():
         TC.row_table([torch.zeros(5)] * 5, [0.0] * 5)
     with pytest.raises(ValueError, match="1 to 4 columns"):
         TC.row_table([torch.zeros(5)], [0.0, 0.0])
+
+
+@needs_triton
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_attention_dkdv_row_table(with_bias, varlen):
+    """(lse, 0, delta, 0) or, with a bias, (row max, log2 l, delta, 0) per row, in the lse's own layout
+    (``[B, H, Tq]``, varlen ``[H, Nq]``); padded rows 0; ``extra`` rows readable past the end."""
+    from attnzoo.ops.attention.triton_bwd import row_table
+
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 50) if varlen else (2, 3, 50)
+    lse = torch.randn(*shape, generator=g)
+    lse.view(-1)[7] = float("-inf")  # a row that saw no key
+    delta = torch.randn(*shape, generator=g)
+    stats = torch.randn(2, *shape, generator=g) if with_bias else None
+    extra = TC.ROW_PAD if varlen else 96  # a varlen tile past the packed rows / a 96-row BlockMask block
+    t = row_table(lse, stats, delta, extra)
+    R = shape[-1]
+    assert t.shape[:-2] == shape[:-1] and t.shape[-1] == 4 and t.shape[-2] % TC.ROW_PAD == 0
+    assert t.shape[-2] >= R + extra and t.shape[-2] >= -(-R // 96) * 96
+    first, second = (stats[0], stats[1]) if with_bias else (lse, torch.zeros_like(lse))
+    assert torch.equal(t[..., :R, 0], first) and torch.equal(t[..., :R, 1], second)
+    assert torch.equal(t[..., :R, 2], delta) and (t[..., 3] == 0).all()
+    assert (t[..., R:, :] == 0).all()
+    assert t.is_contiguous() and t.stride(-2) == 4  # 16-byte rows: every row starts 16-byte aligned
