@@ -74,3 +74,33 @@ def test_attention_dkdv_row_table(with_bias, varlen):
     assert torch.equal(t[..., :R, 2], delta) and (t[..., 3] == 0).all()
     assert (t[..., R:, :] == 0).all()
     assert t.is_contiguous() and t.stride(-2) == 4  # 16-byte rows: every row starts 16-byte aligned
+
+
+@needs_triton
+def test_moh_packed_row_table_matches_the_packing():
+    """Packed row r of head (b, h) holds (position, lse, delta, gate) of rows[b, h, r] for r < count, and
+    (T, 0, 0, 0) past the count and in the padding."""
+    from attnzoo.ops.moh.packing import pack_active_rows
+    from attnzoo.ops.moh.triton_moh import packed_row_table
+
+    g = torch.Generator().manual_seed(2)
+    B, T, H = 2, 45, 3
+    gates = torch.rand(B, T, H, generator=g) * (torch.rand(B, T, H, generator=g) > 0.4)
+    gates[1, :, 2] = 0.0  # a head with no active row
+    gates = gates.half()
+    packed = pack_active_rows(gates, 16)
+    lse = torch.randn(B, H, T, generator=g)
+    delta = torch.randn(B, H, T, generator=g)
+    t = packed_row_table(packed.rows, packed.counts, lse, delta, gates)
+    assert t.shape == (B, H, TC.ROW_PAD, 4)
+    counts = packed.counts.reshape(B, H)
+    for b in range(B):
+        for h in range(H):
+            n = int(counts[b, h])
+            pos = packed.rows[b, h, :n].long()
+            assert torch.equal(_bits(t[b, h, :n, 0]), pos.int())
+            assert torch.equal(t[b, h, :n, 1], lse[b, h, pos])
+            assert torch.equal(t[b, h, :n, 2], delta[b, h, pos])
+            assert torch.equal(t[b, h, :n, 3], gates[b, pos, h].float())
+            assert (_bits(t[b, h, n:, 0]) == T).all() and (t[b, h, n:, 1:] == 0).all()
+    assert int(counts[1, 2]) == 0
