@@ -460,20 +460,26 @@ def _attn_bwd_dq_kernel(
 # 128-bit") and in the BlockMask loop also for 32x16, 16x16 and 32x32 at head block 128, so the BLOCK_N >= 64
 # tiles were dropped (not re-measured with the table yet); 64x32/4 and 64x32/8 spill (8-24 B) on one version
 # or the other at head block 64, 128x16/8 spills 24-48 B at head block 128; 32x32/4 passes the gate at head
-# block 64 but spills 8-160 B with a window, varlen or dense mask on 3.9. 16x16 at head block 64 runs 2 warps
-# and 4 stages (with the row table, 2 stages spilled 8 B causal on 3.6, 4 warps 8-16 B on 3.6 or 3.9). A
-# config that spills only with a BlockMask (its element-mask tiles live too) is marked F.NOT_SPARSE: 128x32/8
-# at head block 64 (40 B on 3.9), 16x16/4 at head block 128 (32 B on 3.6).
+# block 64 but spills 8-160 B with a window, varlen or dense mask on 3.9. A config that spills only with a
+# BlockMask (its element-mask tiles live too) is marked F.NOT_SPARSE: 128x32/8 at head block 64 (40 B on 3.9),
+# 16x16/4 at head block 128 (32 B on 3.6); 128x32/8 at head block 64 also spills 40 B (255 registers, 3.9)
+# while summing a per-key dbias (F.NOT_KEY_DBIAS). F.FULL_REGS (maxnreg 255) where ptxas capped the registers
+# at 128-168 and spilled 8-24 B: dK/dV 16x16/2 at head block 64 (3.6 causal, 3.9 varlen; 150-206 registers
+# with it) and 16x32/4 at 128 (3.6, dense bias; 206), dQ 32x16/4 at 128 (3.6, key padding; 226) and 32x32/8,
+# 16x64/8 at 256 (3.6, causal; 160).
 _SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
 GPU_DKDV_CONFIGS = F.per_head_block({
-    _SM: [(128, 32, 8, 2, F.NOT_SPARSE), (32, 16, 2, 2), (16, 32, 2, 2), (16, 16, 2, 4)],
-    _MID: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2, F.NOT_SPARSE)],
+    _SM: [(128, 32, 8, 2, F.NOT_SPARSE, F.NOT_KEY_DBIAS), (32, 16, 2, 2), (16, 32, 2, 2),
+          (16, 16, 2, 2, F.FULL_REGS)],
+    _MID: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2, F.FULL_REGS),
+           (16, 16, 4, 2, F.NOT_SPARSE)],
     _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
 })
 GPU_DQ_CONFIGS = F.per_head_block({
     _SM: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (16, 16, 4, 2)],
-    _MID: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
-    _WIDE: [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    _MID: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2, F.FULL_REGS),
+           (16, 16, 4, 2)],
+    _WIDE: [(32, 64, 8, 2), (32, 32, 8, 2, F.FULL_REGS), (16, 64, 8, 2, F.FULL_REGS), (16, 32, 4, 2), (16, 16, 4, 2)],
 })
 
 
