@@ -12,12 +12,17 @@ shared by the softmax-family kernels live in ``ops/attention/`` beside the kerne
 - :func:`tuning_configs`: an autotune list, cut to its first config under ``ATTNZOO_AUTOTUNE=first`` (tests,
   and GPU runs that cannot afford to compile every config).
 - :func:`next_pow2`, :func:`head_block`, :func:`length_bucket`: sizes the launchers derive.
+- :func:`row_table`: per-row (or per-key) values a kernel reads a tile of at once -- lse, delta, gates,
+  positions -- interleaved into one padded fp32 table, so a tile of them is one unmasked, aligned load
+  (128-bit / 16-byte ``cp.async``) instead of one masked 4-byte load per value (Triton 3.6 copies a masked
+  fp32 row vector as BLOCK_M separate 4-byte ``cp.async``); read in the kernels by
+  ``triton_common_jit.row_pair`` / ``row_quad``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, TypeVar
+from typing import List, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -74,3 +79,38 @@ def head_block(d: int) -> int:
 def length_bucket(n: int) -> int:
     """Autotuning key for a sequence length: its power-of-two bucket, clamped to 2^16, not the raw length."""
     return min(next_pow2(max(int(n), 1)), 1 << 16)
+
+
+ROW_PAD = 128  # row tables are padded to a multiple of this: every kernel tile (BLOCK_M / BLOCK_N) divides it
+
+
+def row_table(columns: Sequence[Optional[torch.Tensor]], pads: Sequence[Union[int, float]], *, extra: int = 0
+              ) -> torch.Tensor:
+    """``[..., R_pad, W]`` fp32 side table: row ``r`` holds ``columns[i][..., r]`` in column ``i`` -- floating
+    columns as fp32 values, integer ones as their int32 bits (the kernel bit-casts them back) -- and 0 in the
+    columns past ``len(columns)``; ``W`` is 2 for up to two columns, else 4 (a row is 8 or 16 bytes, so a
+    tile of rows is contiguous and 16-byte aligned). Rows ``R .. R_pad - 1`` hold ``pads[i]``, with
+    ``R_pad`` the smallest multiple of :data:`ROW_PAD` that is ``>= R + extra`` (at least ``ROW_PAD``): a
+    kernel reading the tile ``[start, start + BLOCK)`` for any ``start < R + extra - BLOCK + 1`` on its tile
+    grid stays inside the table. All columns share the leading dims ``[...]`` and ``R``; a ``None`` column
+    (not the first) is all zeros."""
+    if not 1 <= len(columns) <= 4 or len(pads) != len(columns) or columns[0] is None:
+        raise ValueError(f"row_table: 1 to 4 columns with one pad each, got {len(columns)} and {len(pads)}")
+    lead, R = tuple(columns[0].shape[:-1]), columns[0].shape[-1]
+    for c in columns:
+        if c is not None and tuple(c.shape) != lead + (R,):
+            raise ValueError(f"row_table: columns must share one shape, got {tuple(c.shape)} and {lead + (R,)}")
+    width = 2 if len(columns) <= 2 else 4
+    r_pad = max(ROW_PAD, -(-(R + extra) // ROW_PAD) * ROW_PAD)
+    dev = columns[0].device
+    t = torch.zeros(*lead, r_pad, width, dtype=torch.float32, device=dev)
+    for i, (c, pad) in enumerate(zip(columns, pads)):
+        if c is None:  # a column of zeros (its pad too)
+            continue
+        if c.dtype.is_floating_point:
+            t[..., i] = float(pad)
+            t[..., :R, i] = c.detach().float()
+        else:
+            t[..., i] = torch.full((), int(pad), dtype=torch.int32, device=dev).view(torch.float32)
+            t[..., :R, i] = c.to(torch.int32).contiguous().view(torch.float32)
+    return t

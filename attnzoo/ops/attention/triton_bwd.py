@@ -10,6 +10,10 @@ the backward is deterministic, bit-for-bit run to run):
   and, for each, over the query tiles that can see this key tile, recomputing ``P^T = exp2(S^T - lse)``
   from the saved lse: ``dV += P^T dO``, ``dS^T = P^T * (dP^T - delta)``, ``dK += dS^T Q``. Summing over the
   group inside the program gives dK/dV of the kv head directly.
+  Each query tile's per-row values come from one padded fp32 row table built on the host
+  (:func:`row_table`: (lse, 0, delta, 0), with a bias (row max, log2 l, delta, 0); 16 bytes a row, about
+  ``B*H*Tq*16`` bytes) as one unmasked, aligned 128-bit load (pipelined with the Q and dO tiles) -- the
+  masked lse/delta loads it replaces were copied by Triton 3.6 as one 4-byte ``cp.async`` per row.
 * dQ kernel: one program per (query tile, batch, query head); Q, dO, lse, delta and the dQ accumulator
   stay in registers while key tiles stream: ``dQ += dS K``.
 * dbias (when the bias requires grad) is produced by the dK/dV kernel, which already holds every ``dS^T``
@@ -78,9 +82,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.attention.triton_common_jit import (
-    LOG2E as LOG2E_C, dkdv_step, dq_step, elem_mask, lse_log2, seq_bounds as _seq_bounds, split_range,
+    LOG2E as LOG2E_C, dkdv_step, dq_step, elem_mask, lse_log2, row_quad, seq_bounds as _seq_bounds, split_range,
     visible as _visible,
 )
 from attnzoo.ops.attention.triton_fwd import _NO_SPEC
@@ -104,16 +109,18 @@ def _db_store(ptrs, val, ok, ACCUM: tl.constexpr):
 
 @triton.jit
 def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                  q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D: tl.constexpr, DV: tl.constexpr,
+                  q_base, sqt, sqd, do_base, sdot, sdod, rows_base, D: tl.constexpr, DV: tl.constexpr,
                   bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
-                  db_base, sdbm, sdbn, qk_scale, sst,
+                  db_base, sdbm, sdbn, qk_scale,
                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, APPLY_EM: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DB_MODE: tl.constexpr, DB_ACCUM: tl.constexpr,
                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BOUNDARY: tl.constexpr):
     """One query tile of the dK/dV loop. ``BOUNDARY``: the tile (or this key tile) may cross a sequence
     end or the causal/window band; otherwise both tiles are full and every pair is inside the band, so
-    no bounds or band test is made (data masks still apply)."""
+    no bounds or band test is made (data masks still apply). ``rows_base``: this head's (and sequence's)
+    row 0 of the row table (:func:`row_table`); its rows past the sequence end are padding or the next
+    sequence's, excluded by the bounds test."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -124,18 +131,12 @@ def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left,
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        row_m = tl.load(lse_base + rows * slt, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows * slt, mask=row_ok, other=0.0)
-        if HAS_BIAS:
-            row_l = tl.load(lse_base + sst + rows * slt, mask=row_ok, other=0.0)
     else:
         q = tl.load(q_base + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=offs_d[None, :] < D, other=0.0)
         do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, mask=offs_dv[None, :] < DV, other=0.0)
-        row_m = tl.load(lse_base + rows * slt)
-        delta = tl.load(delta_base + rows * slt)
-        if HAS_BIAS:
-            row_l = tl.load(lse_base + sst + rows * slt)
-    if not HAS_BIAS:  # lse_base is the lse: bring it to the log2 domain
+    # one unmasked, aligned load of the tile's (lse or row max, 0 or log2 l, delta, 0)
+    row_m, row_l, delta, _zero = row_quad(rows_base, start_m, BLOCK_M)
+    if not HAS_BIAS:  # the first column is the lse: bring it to the log2 domain
         row_m = lse_log2(row_m)
         row_l = row_m
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [N, M]
@@ -167,12 +168,12 @@ def _bwd_kv_inner(dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left,
 
 @triton.jit(do_not_specialize=_NO_SPEC_DKDV)
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, STATS, DELTA, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
-    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, slb, slh, slt,
+    Q, K, V, DO, Rows, DK, DVo, DB, Bias, Mask, KPM, EM, CuQ, CuK, KvNum, KvIdx, FullNum, FullIdx,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod, srb, srh,
     sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdbb, sdbh, sdbm, sdbn,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, seb, seh, sem, sen, em_cols,
     H, G, Tq_arg, Tk_arg, Mq_bm, Nk_bm,
-    scale_log2, scale, sst, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
+    scale_log2, scale, win_left, win_right, bias_hdiv, mask_hdiv, db_hdiv, NB_IN, NH_IN, Q_BUCKET, K_BUCKET,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_EM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, BM_BQ: tl.constexpr, BM_BK: tl.constexpr,
@@ -228,9 +229,8 @@ def _attn_bwd_dkdv_kernel(
                     q0_64 = q0.to(tl.int64)
                     q_base = Q + b64 * sqb + h * sqh + q0_64 * sqt
                     do_base = DO + b64 * sdob + h * sdoh + q0_64 * sdot
-                    # with a bias: the forward's row max and log2 l (STATS), else the lse
-                    lse_base = (STATS if HAS_BIAS else LSE) + b64 * slb + h * slh + q0_64 * slt
-                    delta_base = DELTA + b64 * slb + h * slh + q0_64 * slt
+                    # the row table: (lse, 0, delta, 0), with a bias (row max, log2 l, delta, 0)
+                    rows_base = Rows + b64 * srb + h.to(tl.int64) * srh + q0_64 * 4
                     bias_base = Bias + b64 * sbb + (h // bias_hdiv).to(tl.int64) * sbh
                     mask_base = Mask + b64 * smb + (h // mask_hdiv).to(tl.int64) * smh
                     em_base = EM + b64 * seb + h.to(tl.int64) * seh
@@ -253,9 +253,9 @@ def _attn_bwd_dkdv_kernel(
                                 start_m = blk * BM_BQ + (j % (BM_BQ // BLOCK_M)) * BLOCK_M
                                 dk, dv, db_row = _bwd_kv_inner(
                                     dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                                    q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                                    q_base, sqt, sqd, do_base, sdot, sdod, rows_base, D, DV,
                                     bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen,
-                                    em_cols, db_base, sdbm, sdbn, qk_scale, sst,
+                                    em_cols, db_base, sdbm, sdbn, qk_scale,
                                     HAS_BIAS, HAS_MASK, HAS_KPM, HAS_EM if part == 1 else False,
                                     HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
                                     DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
@@ -266,9 +266,9 @@ def _attn_bwd_dkdv_kernel(
                         for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
                             dk, dv, db_row = _bwd_kv_inner(
                                 dk, dv, db_row, k, v, start_m, offs_n, Tq, Tk, diag, win_left, win_right,
-                                q_base, sqt, sqd, do_base, sdot, sdod, lse_base, delta_base, slt, D, DV,
+                                q_base, sqt, sqd, do_base, sdot, sdod, rows_base, D, DV,
                                 bias_base, sbm, sbn, mask_base, smm, smn, kpm_base, skpn, em_base, sem, sen, em_cols,
-                                db_base, sdbm, sdbn, qk_scale, sst,
+                                db_base, sdbm, sdbn, qk_scale,
                                 HAS_BIAS, HAS_MASK, HAS_KPM, False, HAS_LEFT, HAS_RIGHT, DB_MODE, DB_ACCUM,
                                 DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_DV, True)
                     if DB_MODE == 2:
@@ -454,23 +454,32 @@ def _attn_bwd_dq_kernel(
 # BLOCK_N <= 1024 (all listed: 0 B); at head block 64, 64x64/4 warps (24 B with a bias), 64x128/8 (16 B),
 # 16x32/4 (8-32 B) and 16x16/4 (8 B) spilled: its 16x16 tile runs on 2 warps. dQ at head block 64: 32x16
 # spilled 8 B with key padding. dK/dV at head blocks 64 and 128 also passes the codegen gate
-# (tools/cross_compile.py --gate) on both Triton 3.6 (the GPU machine's) and 3.9 (CI's): 3.6 loads the
-# per-row lse/delta vectors as BLOCK_M 4-byte cp.asyncs when BLOCK_N >= 64 (32 x 4 B for 32x64 and 32x128,
-# 64 x 4 B for 64x64 -- "tile loads not 128-bit"), so those tiles are not offered; 64x32/4 and 64x32/8 spill
-# (8-24 B) on one version or the other at head block 64, 128x16/8 spills 24-48 B at head block 128; 32x32/4
-# passes the gate at head block 64 but spills 8-160 B with a window, varlen or dense mask on 3.9. A config
-# that spills only with a BlockMask (its element-mask tiles live too) is marked F.NOT_SPARSE: 128x32/8 at head
-# block 64 (40 B on 3.9), 16x16/4 at head block 128 (32 B on 3.6).
+# (tools/cross_compile.py --gate) on both Triton 3.6 (the GPU machine's) and 3.9 (CI's). Before dK/dV read
+# its per-row values from the row table (row_table), 3.6 loaded the masked lse/delta vectors as BLOCK_M
+# 4-byte cp.asyncs when BLOCK_N >= 64 (32 x 4 B for 32x64 and 32x128, 64 x 4 B for 64x64 -- "tile loads not
+# 128-bit") and in the BlockMask loop also for 32x16, 16x16 and 32x32 at head block 128, so the BLOCK_N >= 64
+# tiles were dropped (not re-measured with the table yet); 64x32/4 and 64x32/8 spill (8-24 B) on one version
+# or the other at head block 64, 128x16/8 spills 24-48 B at head block 128; 32x32/4 passes the gate at head
+# block 64 but spills 8-160 B with a window, varlen or dense mask on 3.9. A config that spills only with a
+# BlockMask (its element-mask tiles live too) is marked F.NOT_SPARSE: 128x32/8 at head block 64 (40 B on 3.9),
+# 16x16/4 at head block 128 (32 B on 3.6); 128x32/8 at head block 64 also spills 40 B (255 registers, 3.9)
+# while summing a per-key dbias (F.NOT_KEY_DBIAS). F.FULL_REGS (maxnreg 255) where ptxas capped the registers
+# at 128-168 and spilled 8-24 B: dK/dV 16x16/2 at head block 64 (3.6 causal, 3.9 varlen; 150-206 registers
+# with it) and 16x32/4 at 128 (3.6, dense bias; 206), dQ 32x16/4 at 128 (3.6, key padding; 226) and 32x32/8,
+# 16x64/8 at 256 (3.6, causal; 160).
 _SM, _MID, _WIDE = F.SMALL, F.MID, F.WIDE
 GPU_DKDV_CONFIGS = F.per_head_block({
-    _SM: [(128, 32, 8, 2, F.NOT_SPARSE), (32, 16, 2, 2), (16, 32, 2, 2), (16, 16, 2, 2)],
-    _MID: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2, F.NOT_SPARSE)],
+    _SM: [(128, 32, 8, 2, F.NOT_SPARSE, F.NOT_KEY_DBIAS), (32, 16, 2, 2), (16, 32, 2, 2),
+          (16, 16, 2, 2, F.FULL_REGS)],
+    _MID: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2, F.FULL_REGS),
+           (16, 16, 4, 2, F.NOT_SPARSE)],
     _WIDE: [(64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
 })
 GPU_DQ_CONFIGS = F.per_head_block({
     _SM: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (16, 16, 4, 2)],
-    _MID: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
-    _WIDE: [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    _MID: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2, F.FULL_REGS),
+           (16, 16, 4, 2)],
+    _WIDE: [(32, 64, 8, 2), (32, 32, 8, 2, F.FULL_REGS), (16, 64, 8, 2, F.FULL_REGS), (16, 32, 4, 2), (16, 16, 4, 2)],
 })
 
 
@@ -584,8 +593,11 @@ def attention_bwd(
     kernel, meta = F.launcher("bwd_dq", _attn_bwd_dq_kernel, GPU_DQ_CONFIGS)
     kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](**a, **meta)
 
-    # dK, dV (and dbias) over the transposed block lists
-    a = dict(args)
+    # dK, dV (and dbias) over the transposed block lists; lse/stats and delta from one row table
+    a = {n: x for n, x in args.items() if n not in ("LSE", "STATS", "DELTA", "sst", "slb", "slh", "slt")}
+    extra = max(TC.ROW_PAD if varlen else 0, block_size[0] if kv_num_blocks is not None else 0)
+    rows = row_table(lse, stats if has_stats else None, delta, extra)
+    a.update(Rows=rows, srb=0 if varlen else rows.stride(0), srh=rows.stride(-3))
     if kv_num_blocks is not None:
         nkb = triton.cdiv(Tk, block_k)
         qn, qi = transpose_block_lists(kv_num_blocks, kv_indices, nkb)
@@ -605,6 +617,18 @@ def attention_bwd(
                               extra_key=["DB_MODE", "DB_ACCUM"], reset_to_zero=["DB"])
     kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), (B // nb_in) * (Hkv // nh_in))](**a, **meta)
     return dq, dk, dv, _finish_dbias(db, bias) if need_dbias else no_db
+
+
+def row_table(lse: torch.Tensor, stats: Optional[torch.Tensor], delta: torch.Tensor, extra: int) -> torch.Tensor:
+    """The dK/dV kernel's per-row values as one padded fp32 table (:func:`attnzoo.ops.triton_common.row_table`):
+    ``[B, H, Tq_pad, 4]`` (varlen ``[H, Nq_pad, 4]``) holding (lse, 0, delta, 0), or with a bias (``stats``
+    ``[2, *lse.shape]``: row max, log2 l) (row max, log2 l, delta, 0); padded rows are 0. A query tile's
+    values are then one unmasked, aligned 128-bit load (Triton 3.6 copied the masked lse/delta vectors as
+    BLOCK_M 4-byte ``cp.async`` each). ``extra``: rows a tile may read past the last row (a varlen tile
+    past the packed rows' end, a BlockMask block past ``Tq``)."""
+    if stats is None:
+        return TC.row_table([lse, None, delta], [0.0, 0.0, 0.0], extra=extra)
+    return TC.row_table([stats[0], stats[1], delta], [0.0, 0.0, 0.0], extra=extra)
 
 
 def _finish_dbias(db: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

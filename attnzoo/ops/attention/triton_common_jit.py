@@ -12,7 +12,10 @@ DMA (:mod:`attnzoo.ops.dma.triton_dma`). Each piece of softmax arithmetic is wri
 - :func:`lse_log2`: a saved lse brought back to the log2 domain (``-inf`` rows map to 0, so masked
   entries give ``exp2(-inf) = 0`` and never ``-inf - -inf``);
 - :func:`dq_step` / :func:`dkdv_step`: the backward's inner products of one tile,
-  ``dQ += dS K`` and ``dV += P^T dO``, ``dK += dS^T Q``.
+  ``dQ += dS K`` and ``dV += P^T dO``, ``dK += dS^T Q``;
+- :func:`row_pair` / :func:`row_quad`: a tile of rows of a padded side table
+  (:func:`attnzoo.ops.triton_common.row_table`, 2 or 4 fp32 words a row) as one unmasked, aligned load,
+  split into its columns.
 
 Constants: ``LOG2E`` / ``LN2`` are the values of :mod:`attnzoo.ops.triton_common` as ``tl.constexpr``.
 This module imports triton (``attnzoo.ops.triton_common`` does not).
@@ -194,6 +197,27 @@ def dkdv_step(dk, dv, q, do, v, st, keep, row_m, row_l, delta, DOT_PREC: tl.cons
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv, dst
+
+
+@triton.jit
+def row_pair(table, start, BLOCK: tl.constexpr):
+    """Rows ``[start, start + BLOCK)`` of a two-column side table (``triton_common.row_table``, fp32
+    ``[R_pad, 2]``; ``table`` points at its row 0): one unmasked load of ``2 * BLOCK`` contiguous words.
+    Returns the two columns ``[BLOCK]`` (fp32; the caller bit-casts integer columns)."""
+    rec = tl.load(table + (2 * start + tl.arange(0, 2 * BLOCK))).reshape(BLOCK, 2)
+    c0, c1 = tl.split(rec)
+    return c0, c1
+
+
+@triton.jit
+def row_quad(table, start, BLOCK: tl.constexpr):
+    """Rows ``[start, start + BLOCK)`` of a four-column side table (fp32 ``[R_pad, 4]``, 16 bytes a row):
+    one unmasked load of ``4 * BLOCK`` contiguous words. Returns the four columns ``[BLOCK]``."""
+    rec = tl.load(table + (4 * start + tl.arange(0, 4 * BLOCK))).reshape(BLOCK, 2, 2)
+    even, odd = tl.split(rec)  # (c0, c2), (c1, c3)
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
 
 
 @triton.jit

@@ -253,14 +253,20 @@ def _attn_fwd_kernel(
 SMALL, MID, WIDE, ALL = (16, 32, 64), (128,), (256,), (16, 32, 64, 128, 256)
 
 
-#: a config tuple's optional 5th entry: the config is not offered with a BlockMask (it spills there)
+#: a config tuple's optional flags (its entries after the 4th):
+#: the config is not offered with a BlockMask (it spills there)
 NOT_SPARSE = "not-sparse"
+#: not offered to the dK/dV kernel while it sums a per-key dbias in registers (``DB_MODE == 2``; it spills there)
+NOT_KEY_DBIAS = "not-key-dbias"
+#: compiled with ``maxnreg=255``: without it ptxas may cap the registers below 255 (128-168 seen, trading them
+#: for occupancy) and spill 8-24 B/thread in a kernel that fits in 150-230 registers
+FULL_REGS = "full-regs"
 
 
 def per_head_block(table):
-    """``{head blocks: [(BLOCK_M, BLOCK_N, warps, stages[, NOT_SPARSE]), ...]}`` -> ``(BLOCK_M, BLOCK_N,
-    warps, stages, head blocks[, NOT_SPARSE])`` tuples, each list cut by ``tuning_configs`` (its first entry
-    under ATTNZOO_AUTOTUNE=first)."""
+    """``{head blocks: [(BLOCK_M, BLOCK_N, warps, stages, *flags), ...]}`` -> ``(BLOCK_M, BLOCK_N, warps,
+    stages, head blocks, *flags)`` tuples (flags: :data:`NOT_SPARSE`, :data:`NOT_KEY_DBIAS`,
+    :data:`FULL_REGS`), each list cut by ``tuning_configs`` (its first entry under ATTNZOO_AUTOTUNE=first)."""
     return [(*c[:4], hbs, *c[4:]) for hbs, configs in table.items() for c in tuning_configs(configs)]
 
 
@@ -274,15 +280,19 @@ INTERP_BLOCK = 16
 
 def prune_for_block_mask(configs, nargs, **kwargs):
     """Keep the configs listed for this head block whose tiles divide the BlockMask's blocks
-    (``BM_BQ``/``BM_BK``); if none is left, the 16x16 tile (it divides every block and fits every head)."""
+    (``BM_BQ``/``BM_BK``) and whose flags allow the launch (:data:`NOT_SPARSE`, :data:`NOT_KEY_DBIAS`); if
+    none is left, the 16x16 tile (it divides every block and fits every head)."""
     nargs = {**(nargs or {}), **kwargs}  # launch arguments passed by keyword arrive in kwargs
     bq, bk = nargs.get("BM_BQ", 0), nargs.get("BM_BK", 0)
     sparse = nargs.get("SPARSE", False)
+    key_dbias = nargs.get("DB_MODE", 0) == 2
     bd = max(nargs.get("BLOCK_D", 16), nargs.get("BLOCK_DV", 16))
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if sparse and (bq % bm or bk % bn or not c.sparse_ok):
+            continue
+        if key_dbias and not c.key_dbias_ok:
             continue
         if bd not in c.head_blocks:
             continue
@@ -297,9 +307,11 @@ _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "HAS_BIAS", "HAS_MASK", "
 
 
 def _config(bm: int, bn: int, warps: int, stages: int, head_blocks, *flags) -> "triton.Config":
-    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                      maxnreg=255 if FULL_REGS in flags else None)
     c.head_blocks = head_blocks  # read by prune_for_block_mask
     c.sparse_ok = NOT_SPARSE not in flags
+    c.key_dbias_ok = NOT_KEY_DBIAS not in flags
     return c
 
 

@@ -47,7 +47,7 @@ import triton.language as tl
 from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as F
 from attnzoo.ops.attention.triton_common_jit import (
-    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, softmax_finish, softmax_step,
+    LOG2E as LOG2E_C, dkdv_step, dq_step, lse_log2, row_pair, row_quad, softmax_finish, softmax_step,
 )
 from attnzoo.ops.dma.selection import PAD_RANK, visit_lists
 from attnzoo.ops.validate import default_scale
@@ -104,22 +104,17 @@ def _query_tile(Q, sqb, sqt, sqh, sqd, H, G, HB_DIV, Tq, D,
 @triton.jit
 def _key_record(keys, start_n, BLOCK_N: tl.constexpr):
     """Rank (int32) and bias (fp32) of keys ``[start_n, start_n + BLOCK_N)`` from a row of the padded key
-    table (``[Tk_pad, 2]`` fp32, rank bit-cast): one unmasked load of ``2 * BLOCK_N`` contiguous words
-    (padded keys hold rank PAD_RANK and bias 0)."""
-    rec = tl.load(keys + (2 * start_n + tl.arange(0, 2 * BLOCK_N))).reshape(BLOCK_N, 2)
-    rk_f, bv = tl.split(rec)
+    table (``[Tk_pad, 2]`` fp32, rank bit-cast): one unmasked load (padded keys hold rank PAD_RANK, bias 0)."""
+    rk_f, bv = row_pair(keys, start_n, BLOCK_N)
     return rk_f.to(tl.int32, bitcast=True), bv
 
 
 @triton.jit
 def _row_record(rows, start_m, BLOCK_M: tl.constexpr):
     """The backward's per-row values of rows ``[start_m, start_m + BLOCK_M)`` from a row of the padded row
-    table (``[Tq_pad, 4]`` fp32: lse, delta, cutoff bits, 0): one unmasked load of ``4 * BLOCK_M`` words
-    (padded rows: lse 0, delta 0, cutoff -1). Returns (lse, delta, cutoff)."""
-    rec = tl.load(rows + (4 * start_m + tl.arange(0, 4 * BLOCK_M))).reshape(BLOCK_M, 2, 2)
-    even, odd = tl.split(rec)  # (lse, cut), (delta, 0)
-    lse, cut_f = tl.split(even)
-    delta, _zero = tl.split(odd)
+    table (``[Tq_pad, 4]`` fp32: lse, delta, cutoff bits, 0): one unmasked load (padded rows: lse 0,
+    delta 0, cutoff -1). Returns (lse, delta, cutoff)."""
+    lse, delta, cut_f, _zero = row_quad(rows, start_m, BLOCK_M)
     return lse, delta, cut_f.to(tl.int32, bitcast=True)
 
 
@@ -297,36 +292,25 @@ def _blocks(kind: str, head_dim: int):
     return 64, 64, 4
 
 
-KEY_PAD = 128  # key / row tables are padded to a multiple of this (every BLOCK_M and BLOCK_N divides it)
+KEY_PAD = TC.ROW_PAD  # key / row tables are padded to a multiple of this (every BLOCK_M and BLOCK_N divides it)
 
 
 def key_table(rank: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``[B, Hb, Tk_pad, 2]`` fp32: per key its rank (int32 bits) and its bias as fp32, keys padded to a
-    multiple of ``KEY_PAD`` with rank ``PAD_RANK`` and bias 0 -- so a kernel reads a key tile's ranks and
-    biases with one unmasked, aligned load."""
-    B, Hb, Tk = rank.shape
-    tk_pad = max(KEY_PAD, -(-Tk // KEY_PAD) * KEY_PAD)
-    t = torch.zeros(B, Hb, tk_pad, 2, dtype=torch.float32, device=rank.device)
-    t[..., 0] = torch.full((), PAD_RANK, dtype=torch.int32, device=rank.device).view(torch.float32)
-    t[:, :, :Tk, 0] = rank.to(torch.int32).view(torch.float32)
-    t[:, :, :Tk, 1] = bias.detach().float()
-    return t
+    """``[B, Hb, Tk_pad, 2]`` fp32 (``triton_common.row_table``): per key its rank (int32 bits) and its bias
+    as fp32, keys padded to a multiple of ``KEY_PAD`` with rank ``PAD_RANK`` and bias 0 -- so a kernel reads
+    a key tile's ranks and biases with one unmasked, aligned load."""
+    return TC.row_table([rank.to(torch.int32), bias], [PAD_RANK, 0.0])
 
 
 def row_table(lse: torch.Tensor, delta: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
-    """``[B, H, Tq_pad, 4]`` fp32: per query row of each head its lse, delta and cutoff (int32 bits; of its
-    selection head), then 0; rows padded to a multiple of ``KEY_PAD`` with lse 0, delta 0, cutoff -1 -- so
-    the backward reads a query tile's row values with one unmasked, aligned load."""
+    """``[B, H, Tq_pad, 4]`` fp32 (``triton_common.row_table``): per query row of each head its lse, delta
+    and cutoff (int32 bits; of its selection head), then 0; rows padded to a multiple of ``KEY_PAD`` with
+    lse 0, delta 0, cutoff -1 -- so the backward reads a query tile's row values with one unmasked, aligned
+    load."""
     B, H, Tq = lse.shape
     Hb = cutoff.shape[1]
-    tq_pad = max(KEY_PAD, -(-Tq // KEY_PAD) * KEY_PAD)
-    t = torch.zeros(B, H, tq_pad, 4, dtype=torch.float32, device=lse.device)
-    t[..., 2] = torch.full((), -1, dtype=torch.int32, device=lse.device).view(torch.float32)
-    t[:, :, :Tq, 0] = lse
-    t[:, :, :Tq, 1] = delta
     cut = cutoff.to(torch.int32)[:, :, None, :].expand(B, Hb, H // Hb, Tq).reshape(B, H, Tq)
-    t[:, :, :Tq, 2] = cut.contiguous().view(torch.float32)
-    return t
+    return TC.row_table([lse, delta, cut], [0.0, 0.0, -1])
 
 
 def _common(q, k, v, keys, scale, causal):

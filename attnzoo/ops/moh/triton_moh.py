@@ -19,16 +19,20 @@ written; the output starts zeroed); the log-sum-exp is stored at the original po
 Backward (deterministic, no atomics):
 * ``delta = rowsum(dO * O)`` equals ``rowsum(dO_u * O_u)`` with ``dO_u = gate * dO``, ``O_u = O / gate``;
   ``dgate = delta / gate`` on active pairs (``rowsum(dO * O_unscaled)``), 0 elsewhere.
-* dQ: the forward's packed tiles again; gathered Q, ``gate * dO``, lse, delta in registers; key tiles
+* dQ: the forward's packed tiles again; gathered Q, ``gate * dO``, lse, delta in registers (gathered once
+  per program, outside the key loop); key tiles
   stream through the core's ``_bwd_q_inner``; dQ scattered to the active rows (inactive rows stay 0).
 * dK/dV: one program per (key tile, batch, kv head); K, V tiles and fp32 dK, dV accumulators in registers;
   loops over the query heads of the group and, for each, only over the packed active rows whose band can
   reach this key tile. Rows are sorted by position, so those rows are one contiguous run per head, built
   before launch by :func:`attnzoo.ops.moh.packing.key_tile_row_ranges` (two ``searchsorted`` per key tile,
   on the device); the loop walks the run in BLOCK_M-row tiles with unconditional loads (no data-dependent
-  ``if`` around them), so Triton pipelines the gathers of the row indices, Q, dO, lse and delta
-  (cp.async). The element test (band, key padding) masks the pairs that see nothing. Inactive rows never
-  enter: cost follows the active fraction. Key-padded K/V rows are never loaded.
+  ``if`` around them), so Triton pipelines (cp.async) the tile's records -- (position, lse, delta, gate) per
+  packed row, one aligned 128-bit load from a padded fp32 table built before launch
+  (:func:`packed_row_table`, ``B*H*T*16`` bytes; the masked position load and the lse/delta/gate gathers
+  it replaces were copied by Triton 3.6 as one 4-byte ``cp.async`` per row) -- and the gathers of Q and dO.
+  The element test (band, key padding) masks the pairs that see nothing. Inactive rows never enter: cost
+  follows the active fraction. Key-padded K/V rows are never loaded.
 
 Decode (a few new queries, no gradient): :func:`moh_decode` runs the core's split-K decode kernel with the
 gates instead -- one read of each K/V tile per GQA group, split across programs for long caches, and no
@@ -50,7 +54,7 @@ from attnzoo.ops import triton_common as TC
 from attnzoo.ops.attention import triton_fwd as CF
 from attnzoo.ops.attention.triton_bwd import _bwd_q_inner
 from attnzoo.ops.attention.triton_common_jit import (
-    dkdv_step, lse_log2, softmax_finish, split_range, visible as _visible,
+    dkdv_step, lse_log2, row_quad, softmax_finish, split_range, visible as _visible,
 )
 from attnzoo.ops.attention.triton_fwd import _fwd_inner
 from attnzoo.ops.moh.packing import key_tile_row_ranges
@@ -123,18 +127,14 @@ def _load_rows(ptr, b64, h, rows, valid, s_b, s_h, s_t, s_d, n_cols, BLOCK: tl.c
 
 
 @triton.jit
-def _load_bwd_rows(Q, DO, LSE, DELTA, Gates, b64, h, rows, valid,
-                   sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod, slb, slh, slt, sgb, sgt, sgh, D, DV,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """What both backward kernels need of a packed row tile: Q, ``gate * dO`` (the gradient of the
-    unscaled output, in Q's dtype), ``lse * log2(e)`` (0 for rows that saw no key) and delta."""
+def _load_q_do(Q, DO, gate, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod, D, DV,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Q and ``gate * dO`` (the gradient of the unscaled output, in Q's dtype) of a packed row tile:
+    what both backward kernels gather of their rows (``gate`` fp32 per row)."""
     q = _load_rows(Q, b64, h, rows, valid, sqb, sqh, sqt, sqd, D, BLOCK_D)
-    gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
     do = _load_rows(DO, b64, h, rows, valid, sdob, sdoh, sdot, sdod, DV, BLOCK_DV)
     do = (do.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
-    lse = tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
-    delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
-    return q, do, lse_log2(lse), delta
+    return q, do
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -215,9 +215,12 @@ def _moh_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     rows = pos.to(tl.int64)
-    q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, Gates, b64, h, rows, valid,
-                                        sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod, slb, slh, slt, sgb, sgt, sgh,
-                                        D, DV, BLOCK_D, BLOCK_DV)
+    # the rows' values are gathered once per program (no loop to pipeline: the row table is dK/dV's)
+    gate = tl.load(Gates + b64 * sgb + rows * sgt + h * sgh, mask=valid, other=0.0).to(tl.float32)
+    q, do = _load_q_do(Q, DO, gate, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod, D, DV,
+                       BLOCK_D, BLOCK_DV)
+    lse2 = lse_log2(tl.load(LSE + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0))
+    delta = tl.load(DELTA + b64 * slb + h * slh + rows * slt, mask=valid, other=0.0)
     k_base = K + b64 * skb + (h // G) * skh
     v_base = V + b64 * svb + (h // G) * svh
     kpm_base = KPM + b64 * skpb
@@ -254,10 +257,10 @@ def _moh_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPEC + ["n_ktiles"])
 def _moh_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DVo, Gates, KPM, Rows, Ranges,
+    Q, K, V, DO, Tab, DK, DVo, KPM, Ranges,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
-    slb, slh, slt, sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sgb, sgt, sgh, skpb, skpn,
-    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, T_rows, n_ktiles, scale_log2, scale, win_left, win_right,
+    s_tab, sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, skpb, skpn,
+    H, G, Tq, Tk, D: tl.constexpr, DV: tl.constexpr, n_ktiles, scale_log2, scale, win_left, win_right,
     HAS_KPM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -292,18 +295,18 @@ def _moh_bwd_dkdv_kernel(
         rng = Ranges + (bh * n_ktiles + pid_n) * 2
         r_lo = tl.load(rng)
         r_hi = tl.load(rng + 1)
-        row_base = Rows + bh * T_rows
-        # from a multiple of BLOCK_M (aligned row-index loads); the rows before r_lo see nothing of this
+        tab = Tab + bh * s_tab  # head (b, h)'s packed row table (packed_row_table)
+        # from a multiple of BLOCK_M (aligned row-table loads); the rows before r_lo see nothing of this
         # tile and are masked by the band test like any other invisible pair
         for start_m in range((r_lo // BLOCK_M) * BLOCK_M, r_hi, BLOCK_M):
-            idx = start_m + tl.arange(0, BLOCK_M)
-            valid = idx < r_hi
-            pos = tl.load(row_base + idx, mask=valid, other=0)
-            pos = tl.where(valid, pos, Tq)
+            valid = start_m + tl.arange(0, BLOCK_M) < r_hi
+            # one aligned 128-bit load of the tile's (position, lse, delta, gate) records
+            pos_f, lse, delta, gate = row_quad(tab, start_m, BLOCK_M)
+            pos = tl.where(valid, pos_f.to(tl.int32, bitcast=True), Tq)
             rows = pos.to(tl.int64)
-            q, do, lse2, delta = _load_bwd_rows(
-                Q, DO, LSE, DELTA, Gates, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod,
-                slb, slh, slt, sgb, sgt, sgh, D, DV, BLOCK_D, BLOCK_DV)
+            q, do = _load_q_do(Q, DO, gate, b64, h, rows, valid, sqb, sqt, sqh, sqd, sdob, sdot, sdoh, sdod,
+                               D, DV, BLOCK_D, BLOCK_DV)
+            lse2 = lse_log2(lse)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # [N, M]
             keep = _visible(pos[None, :], kj, Tq, Tk, diag, win_left, win_right, K, 0, 0, kpm_base, skpn,
                             K, 0, 0, HAS_LEFT, HAS_RIGHT, False, HAS_KPM, False, True)
@@ -449,11 +452,30 @@ def moh_attention_bwd(
     a["BLOCK_M"], dkdv_warps = _dkdv_tiles(bm, warps, D, v.shape[-1])
     ranges = key_tile_row_ranges(rows, counts, Tq, Tk, bn, causal=causal, window_left=window_left,
                                  window_right=window_right)
-    del a["Counts"]
+    tab = packed_row_table(rows, counts, lse, delta, gates)
+    for name in ("Counts", "Rows", "T_rows", "LSE", "DELTA", "slb", "slh", "slt", "Gates", "sgb", "sgt", "sgh"):
+        del a[name]  # dK/dV reads them from the packed row table
     _moh_bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * Hkv)](
-        **a, DK=dk, DVo=dv, Ranges=ranges, n_ktiles=ranges.shape[2], **_named("sdk", dk), **_named("sdv", dv),
-        num_warps=dkdv_warps, num_stages=stages)
+        **a, Tab=tab, s_tab=tab.stride(1), DK=dk, DVo=dv, Ranges=ranges, n_ktiles=ranges.shape[2],
+        **_named("sdk", dk), **_named("sdv", dv), num_warps=dkdv_warps, num_stages=stages)
     return dq, dk, dv, dgates
+
+
+def packed_row_table(rows: torch.Tensor, counts: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+                     gates: torch.Tensor) -> torch.Tensor:
+    """The dK/dV kernel's per-row values in packed order (:func:`attnzoo.ops.triton_common.row_table`):
+    ``[B, H, T_pad, 4]`` fp32, packed row ``r`` of head ``(b, h)`` holding (its position as int32 bits, lse,
+    delta, gate) of that position; rows past the head's count (and the padding) hold position ``T`` (= no
+    row), lse 0, delta 0, gate 0. ``rows``/``counts`` as from the packing, ``lse``/``delta`` ``[B, H, T]``,
+    ``gates [B, T, H]``. The kernel then reads a packed tile's records with one aligned 128-bit load where it
+    made a masked load of the positions and three gathers (lse, delta, gate) -- which Triton 3.6 issued as
+    one 4-byte ``cp.async`` per row. On the device, no host sync."""
+    B, H, T = rows.shape
+    valid = torch.arange(T, device=rows.device) < counts.reshape(B, H, 1)
+    idx = torch.where(valid, rows.long(), 0).clamp_(0, max(T - 1, 0))  # clamp: a compile-only run has no rows
+    pos = torch.where(valid, rows, T)
+    vals = [torch.where(valid, x.gather(-1, idx), 0.0) for x in (lse, delta, gates.transpose(1, 2).float())]
+    return TC.row_table([pos, *vals], [T, 0.0, 0.0, 0.0])
 
 
 @moh_attention_bwd.register_fake

@@ -109,8 +109,14 @@ def _mix(LM, b, t, tok_ok, s_mb, s_mt, s_mh, CODE: tl.constexpr):
 
 @triton.jit
 def _tokens(N, T, BLOCK_T: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    return n, n < N, n // T, n % T
+    """This program's flattened tokens ``n`` (int64), their mask and their (batch, position). One 64-bit
+    division for the tile's first token; the per-token ones are 32-bit (``t0 + BLOCK_T`` fits): 64-bit
+    divisions per token were ``div_s64`` subroutine calls, across which ptxas kept a register on the stack."""
+    n0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    b0 = n0 // T
+    t = (n0 - b0 * T).to(tl.int32) + tl.arange(0, BLOCK_T)
+    n = n0 + tl.arange(0, BLOCK_T)
+    return n, n < N, b0 + t // T, t % T
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
