@@ -41,3 +41,23 @@ def lowp_reference():
         yield
     finally:
         R.compute_dtype = saved
+
+
+def check_op_against_reference(op, reference, inputs, do, names, *, dtype=None, **kw):
+    """``op(*inputs, **kw)`` (a backend of an op) against ``reference``: its output and the gradients of every
+    input under the cotangent ``do``, by the accuracy rule -- the fp64 reference, and the reference in the
+    inputs' own precision (:func:`lowp_reference`) as the baseline. ``names``: the output's, then each
+    input's gradient's. Returns the op's ``[out, *grads]``."""
+
+    def run(fn, cast):
+        ins = [cast(t).detach().requires_grad_() for t in inputs]
+        o = fn(*ins, **kw)
+        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
+
+    got = run(op, lambda t: t)
+    ref = run(reference, lambda t: t.double())
+    with lowp_reference():
+        low = run(reference, lambda t: t)
+    for name, a, r, lo in zip(names, got, ref, low):
+        assert_close_by_rule(a, r, lo, name, dtype=dtype)
+    return got

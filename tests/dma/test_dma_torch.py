@@ -14,7 +14,7 @@ from attnzoo.ops.dma import torch_backend as TB
 from attnzoo.ops.dma.api import dynamic_mask_attention
 from attnzoo.ops.dma.reference import dynamic_mask_attention_reference
 
-from accuracy import assert_close_by_rule, lowp_reference
+from accuracy import check_op_against_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
@@ -28,18 +28,9 @@ def small_chunks(monkeypatch):
 
 def _check(q, k, v, bias, **kw):
     do = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEV)
-
-    def run(fn, cast):
-        ins = [cast(t).detach().requires_grad_() for t in (q, k, v, bias)]
-        o = fn(*ins, **kw)
-        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
-
-    got = run(lambda *a, **k2: dynamic_mask_attention(*a, backend="torch", **k2), lambda t: t)
-    ref = run(dynamic_mask_attention_reference, lambda t: t.double())
-    with lowp_reference():
-        low = run(dynamic_mask_attention_reference, lambda t: t)
-    for name, a, b, c in zip(("o", "dq", "dk", "dv", "dbias"), got, ref, low):
-        assert_close_by_rule(a, b, c, name, dtype=q.dtype)
+    check_op_against_reference(lambda *a, **k2: dynamic_mask_attention(*a, backend="torch", **k2),
+                               dynamic_mask_attention_reference, (q, k, v, bias), do,
+                               ("o", "dq", "dk", "dv", "dbias"), dtype=q.dtype, **kw)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))

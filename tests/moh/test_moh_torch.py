@@ -13,7 +13,7 @@ from attnzoo.ops.moh import torch_backend as TB
 from attnzoo.ops.moh.api import moh_attention
 from attnzoo.ops.moh.reference import moh_attention_reference
 
-from accuracy import assert_close_by_rule, lowp_reference
+from accuracy import check_op_against_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
@@ -28,21 +28,11 @@ def small_chunks(monkeypatch):
 
 
 def _check_against_reference(q, k, v, gates, do, dtype, **kw):
-    """The torch backend's output and q, k, v, gates gradients against the fp64 reference by the accuracy
-    rule; returns the backend's ``[o, dq, dk, dv, dgates]``."""
-
-    def run(fn, cast):
-        ins = [cast(t).detach().requires_grad_() for t in (q, k, v, gates)]
-        o = fn(*ins, **kw)
-        return [o] + list(torch.autograd.grad(o, ins, do.to(o.dtype)))
-
-    got = run(lambda *a, **k2: moh_attention(*a, backend="torch", **k2), lambda t: t)
-    ref = run(moh_attention_reference, lambda t: t.double())
-    with lowp_reference():
-        low = run(moh_attention_reference, lambda t: t)
-    for name, a, r, lo in zip(("o", "dq", "dk", "dv", "dgates"), got, ref, low):
-        assert_close_by_rule(a, r, lo, name, dtype=dtype)
-    return got
+    """The torch backend's output and q, k, v, gates gradients against the reference by the accuracy rule;
+    returns the backend's ``[o, dq, dk, dv, dgates]``."""
+    return check_op_against_reference(lambda *a, **k2: moh_attention(*a, backend="torch", **k2),
+                                      moh_attention_reference, (q, k, v, gates), do,
+                                      ("o", "dq", "dk", "dv", "dgates"), dtype=dtype, **kw)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
